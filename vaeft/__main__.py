@@ -1,0 +1,3 @@
+from vaeft.cli import main
+
+main()

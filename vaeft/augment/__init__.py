@@ -1,0 +1,1 @@
+"""Augmentation: seeded random crops (multi-scale Lanczos, rotations come with the augment issue)."""

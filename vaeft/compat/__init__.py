@@ -1,0 +1,1 @@
+"""Work-arounds for the environments vaeft runs in (one module per quirk)."""

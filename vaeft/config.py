@@ -1,0 +1,351 @@
+"""The typed parameter tree: ``params.yaml`` is loaded once, validated once, then passed around.
+
+One section per stage (data, augment, model, pretrain/train phases, evaluate, export, publish).
+Every model forbids unknown keys, so a typo stops the run before any work starts, with a
+one-line error that names the key and the bad value (:class:`ParamsError`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+DEFAULT_PARAMS_FILE = Path("params.yaml")
+
+
+class ParamsError(ValueError):
+    """A params file that cannot be used; ``str()`` is one line naming the key and the value."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+# --------------------------------------------------------------------------- data / augment
+
+
+class SourceParams(_Strict):
+    """One image source. ``embedded`` is the photos that installed packages ship."""
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    kind: Literal["embedded", "folder"] = "folder"
+    path: str | None = None
+    weight: PositiveFloat = 1.0
+
+    @model_validator(mode="after")
+    def _path_matches_kind(self) -> SourceParams:
+        if self.kind == "folder" and not self.path:
+            raise ValueError(f"source {self.name!r} of kind 'folder' needs a 'path'")
+        if self.kind == "embedded" and self.path:
+            raise ValueError(f"source {self.name!r} of kind 'embedded' takes no 'path'")
+        return self
+
+
+class DataParams(_Strict):
+    sources: list[SourceParams] = Field(
+        default_factory=lambda: [SourceParams(name="embedded", kind="embedded")], min_length=1
+    )
+    min_side: PositiveInt = 64
+    max_aspect: float = Field(default=4.0, ge=1.0)
+    # Pixel count refused before decoding (decompression bombs).
+    max_pixels: PositiveInt = 89_478_485
+    # Fraction of images held out for evaluation, decided per image from its content hash.
+    eval_fraction: float = Field(default=0.25, gt=0.0, lt=1.0)
+
+    @field_validator("sources")
+    @classmethod
+    def _unique_names(cls, v: list[SourceParams]) -> list[SourceParams]:
+        names = [s.name for s in v]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"source names must be unique, repeated: {', '.join(dupes)}")
+        return v
+
+
+class AugmentParams(_Strict):
+    crop_size: PositiveInt = 64
+    hflip: bool = True
+    vflip: bool = False
+
+
+# --------------------------------------------------------------------------- model
+
+
+class ArchitectureParams(_Strict):
+    """diffusers ``AutoencoderKL`` config of a kl-f8-shaped autoencoder."""
+
+    in_channels: PositiveInt = 3
+    out_channels: PositiveInt = 3
+    latent_channels: PositiveInt = 4
+    block_out_channels: list[PositiveInt] = Field(default_factory=lambda: [128, 256, 512, 512], min_length=1)
+    layers_per_block: PositiveInt = 2
+    norm_num_groups: PositiveInt = 32
+    sample_size: PositiveInt = 256
+    scaling_factor: PositiveFloat = 0.18215
+
+    @model_validator(mode="after")
+    def _groups_divide_channels(self) -> ArchitectureParams:
+        for c in self.block_out_channels:
+            if c % self.norm_num_groups:
+                raise ValueError(
+                    f"block_out_channels entry {c} is not divisible by norm_num_groups={self.norm_num_groups}"
+                )
+        return self
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.block_out_channels) - 1)
+
+
+class ModelParams(_Strict):
+    # Pretrained weights to start from (diffusers folder or LDM file). None: the embedded
+    # default, which pretrains a tiny autoencoder from scratch in the `pretrain` stage.
+    base: str | None = None
+    architecture: ArchitectureParams = Field(default_factory=ArchitectureParams)
+
+
+# --------------------------------------------------------------------------- training
+
+
+class LossParams(_Strict):
+    """Weights of the reconstruction loss terms (0 switches a term off)."""
+
+    l1: NonNegativeFloat = 0.0
+    mse: NonNegativeFloat = 0.0
+    lpips: NonNegativeFloat = 0.0
+    # KL to N(0, I); only meaningful when the encoder trains (pretrain).
+    kl: NonNegativeFloat = 0.0
+
+    @model_validator(mode="after")
+    def _some_term(self) -> LossParams:
+        if not any((self.l1, self.mse, self.lpips)):
+            raise ValueError("at least one of l1, mse, lpips must be > 0")
+        return self
+
+
+class TrainPhaseParams(_Strict):
+    steps: PositiveInt
+    batch_size: PositiveInt = 8
+    lr: PositiveFloat = 1e-4
+    betas: tuple[float, float] = (0.5, 0.9)
+    weight_decay: NonNegativeFloat = 0.0
+    grad_clip: PositiveFloat | None = 1.0
+    loss: LossParams
+    # What trains: the decoder side only (decoder + post_quant_conv), or everything (pretrain).
+    trainable: Literal["decoder", "all"] = "decoder"
+    # Export the EMA of the trained weights (the released ft-EMA/ft-MSE weights are EMA).
+    ema: bool = True
+    ema_decay: float = Field(default=0.9999, ge=0.0, lt=1.0)
+    checkpoint_every: PositiveInt = 100
+    keep_checkpoints: PositiveInt = 2
+    log_every: PositiveInt = 10
+    num_workers: NonNegativeInt = 0
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(0.0 <= b < 1.0 for b in v):
+            raise ValueError("betas must each be in [0, 1)")
+        return v
+
+
+def _default_pretrain() -> TrainPhaseParams:
+    return TrainPhaseParams(steps=250, lr=1e-3, loss=LossParams(l1=1.0, kl=1e-6), trainable="all", ema=False)
+
+
+class TrainParams(_Strict):
+    pretrain: TrainPhaseParams = Field(default_factory=_default_pretrain)
+    ema: TrainPhaseParams = Field(default_factory=lambda: TrainPhaseParams(steps=100, loss=LossParams(l1=1.0)))
+    mse: TrainPhaseParams = Field(default_factory=lambda: TrainPhaseParams(steps=100, loss=LossParams(mse=1.0)))
+
+    @model_validator(mode="after")
+    def _finetunes_are_decoder_only(self) -> TrainParams:
+        for name in ("ema", "mse"):
+            if getattr(self, name).trainable != "decoder":
+                raise ValueError(f"train.{name}.trainable must be 'decoder': fine-tunes keep the latent space")
+        return self
+
+
+# --------------------------------------------------------------------------- evaluate / export / publish
+
+
+class EvaluateParams(_Strict):
+    image_size: PositiveInt = 64
+    batch_size: PositiveInt = 8
+
+
+class ExportParams(_Strict):
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+
+
+class PublishParams(_Strict):
+    # Local directory that receives published releases (S3 targets come with the publish issue).
+    target: str = "artifacts/published"
+
+
+# --------------------------------------------------------------------------- root
+
+
+class Params(_Strict):
+    seed: NonNegativeInt = 0
+    data: DataParams = Field(default_factory=DataParams)
+    augment: AugmentParams = Field(default_factory=AugmentParams)
+    model: ModelParams = Field(default_factory=ModelParams)
+    train: TrainParams = Field(default_factory=TrainParams)
+    evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
+    export: ExportParams = Field(default_factory=ExportParams)
+    publish: PublishParams = Field(default_factory=PublishParams)
+
+    @model_validator(mode="after")
+    def _cross_section(self) -> Params:
+        crop, min_side = self.augment.crop_size, self.data.min_side
+        if crop > min_side:
+            raise _KeyedError("augment.crop_size", crop, f"larger than data.min_side={min_side}")
+        factor = self.model.architecture.downsample_factor
+        if crop % factor:
+            raise _KeyedError("augment.crop_size", crop, f"not a multiple of the model's downsampling factor {factor}")
+        size = self.evaluate.image_size
+        if size % factor:
+            raise _KeyedError("evaluate.image_size", size, f"not a multiple of the model's downsampling factor {factor}")
+        if size > min_side:
+            raise _KeyedError("evaluate.image_size", size, f"larger than data.min_side={min_side}")
+        return self
+
+
+class _KeyedError(ValueError):
+    """A cross-section check failure that knows which key it is about."""
+
+    def __init__(self, key: str, value: Any, reason: str) -> None:
+        super().__init__(reason)
+        self.key, self.value, self.reason = key, value, reason
+
+
+# --------------------------------------------------------------------------- loading
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys (PyYAML silently keeps the last one)."""
+
+
+def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise ParamsError(f"duplicate key {key!r} at line {key_node.start_mark.line + 1}")
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def _lookup(data: Any, loc: tuple[Any, ...]) -> Any:
+    for part in loc:
+        try:
+            data = data[part]
+        except (KeyError, IndexError, TypeError):
+            return None
+    return data
+
+
+def _format_error(source: str, err: ValidationError, raw: Any) -> str:
+    problems = []
+    for e in err.errors():
+        ctx_err = (e.get("ctx") or {}).get("error")
+        if isinstance(ctx_err, _KeyedError):
+            problems.append(f"{ctx_err.key} = {ctx_err.value!r}: {ctx_err.reason}")
+            continue
+        loc = tuple(p for p in e["loc"])
+        key = ".".join(str(p) for p in loc) or "(top level)"
+        value = e.get("input") if e["type"] != "missing" else None
+        if e["type"] == "extra_forbidden":
+            parent = _allowed_keys(loc[:-1])
+            hint = f" (allowed: {', '.join(parent)})" if parent else ""
+            problems.append(f"{key} = {_short(value)}: unknown key{hint}")
+        elif e["type"] == "missing":
+            problems.append(f"{key}: required key is missing")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            problems.append(f"{key} = {_short(value)}: {msg}")
+    head = problems[0]
+    more = f" (and {len(problems) - 1} more: {'; '.join(problems[1:])})" if len(problems) > 1 else ""
+    return f"{source}: {head}{more}"
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
+    model: Any = Params
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        model = _model_of(field.annotation)
+        if model is None:
+            return []
+    return list(getattr(model, "model_fields", {}))
+
+
+def _model_of(annotation: Any) -> Any:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()) or ():
+        found = _model_of(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def parse_params(raw: Any, source: str = "params") -> Params:
+    """Validate an already-parsed mapping; raises :class:`ParamsError` with a one-line message."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{source}: expected a mapping at the top level, got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as err:
+        raise ParamsError(_format_error(source, err, raw)) from None
+
+
+def load_params(path: str | Path = DEFAULT_PARAMS_FILE) -> Params:
+    """Read and validate a params file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: params file not found") from None
+    try:
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - SafeLoader subclass
+    except ParamsError as err:
+        raise ParamsError(f"{path}: {err}") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ParamsError(f"{path}: not valid YAML{where}: {getattr(err, 'problem', err)}") from None
+    return parse_params(raw, source=str(path))
+
+
+def params_as_dict(params: BaseModel) -> dict[str, Any]:
+    """The resolved (defaults filled in) params as plain JSON-able data."""
+    return params.model_dump(mode="json")

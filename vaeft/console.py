@@ -1,0 +1,33 @@
+"""Console output shared by every stage: stage banners and progress bars (rich)."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+console = Console(stderr=True, highlight=False)
+
+
+def banner(stage: str, detail: str = "") -> None:
+    console.rule(f"[bold cyan]vaeft {stage}[/]" + (f" [dim]{detail}[/]" if detail else ""))
+
+
+def progress() -> Progress:
+    """A progress bar that also renders sensibly when stderr is not a terminal (CI, DVC logs)."""
+    return Progress(
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=False,
+    )

@@ -1,0 +1,1 @@
+"""Data: image sources, validation/normalisation, the curated manifest and its split."""

@@ -1,0 +1,1 @@
+"""Evaluation: eval-set preparation, image-pair metrics, and the multi-model report."""

@@ -1,0 +1,89 @@
+"""The ``export`` stage: one diffusers folder per fine-tuned model, plus ``SHA256SUMS``.
+
+Layout::
+
+    OUT/<model>/diffusers/config.json
+    OUT/<model>/diffusers/diffusion_pytorch_model.safetensors
+    OUT/<model>/README.md          model card (with the eval table when given)
+    OUT/SHA256SUMS                 sha256sum-compatible, every file above
+    OUT/run_info.json
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from vaeft import atomic, provenance
+from vaeft.config import ExportParams
+from vaeft.console import banner, console
+from vaeft.model.io import load_autoencoder, save_diffusers
+from vaeft.train.checkpoint import file_digest
+
+SUMS_FILE = "SHA256SUMS"
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    out_dir: Path
+    models: dict[str, Path]
+
+    @property
+    def sums_file(self) -> Path:
+        return self.out_dir / SUMS_FILE
+
+
+def model_card(name: str, eval_table: str | None) -> str:
+    lines = [
+        f"# {name}",
+        "",
+        "A kl-f8 autoencoder whose decoder was fine-tuned with vaeft (encoder unchanged, so the",
+        "latents are those of the base model and this is a drop-in replacement).",
+        "",
+        "```python",
+        "from diffusers import AutoencoderKL",
+        f'vae = AutoencoderKL.from_pretrained("{name}/diffusers")',
+        "```",
+        "",
+    ]
+    if eval_table:
+        lines += ["## Evaluation", "", eval_table.strip(), ""]
+    return "\n".join(lines)
+
+
+def write_sums(root: Path) -> Path:
+    lines = [
+        f"{file_digest(p)}  {p.relative_to(root).as_posix()}"
+        for p in sorted(q for q in root.rglob("*") if q.is_file() and q.name != SUMS_FILE)
+    ]
+    atomic.write_text(root / SUMS_FILE, "\n".join(lines) + "\n")
+    return root / SUMS_FILE
+
+
+def export_models(
+    params: ExportParams,
+    models: dict[str, str | Path],
+    out_dir: str | Path,
+    eval_table: str | Path | None = None,
+) -> ExportResult:
+    if not models:
+        raise ValueError("export needs at least one model (NAME=PATH)")
+    out_dir = Path(out_dir)
+    banner("export", f"{', '.join(models)} -> {out_dir}")
+    table = Path(eval_table).read_text(encoding="utf-8") if eval_table else None
+    dtype = _DTYPES[params.dtype]
+    written: dict[str, Path] = {}
+    with atomic.atomic_dir(out_dir) as tmp:
+        for name, path in models.items():
+            save_diffusers(load_autoencoder(path, dtype=dtype), tmp / name / "diffusers")
+            atomic.write_text(tmp / name / "README.md", model_card(name, table))
+            written[name] = out_dir / name / "diffusers"
+        # run_info holds a timestamp: keep it out of SHA256SUMS so identical models give identical sums.
+        write_sums(tmp)
+        provenance.write_run_info(tmp, "export", {"export": params}, models={k: str(v) for k, v in models.items()})
+    for name, p in written.items():
+        console.print(f"  {name}: {p}")
+    return ExportResult(out_dir, written)

@@ -1,0 +1,1 @@
+"""Loss terms, one small module each, composed by :mod:`vaeft.losses.reconstruction`."""

@@ -1,0 +1,1 @@
+"""Model: building, loading/saving and freezing kl-f8-shaped ``AutoencoderKL`` models."""

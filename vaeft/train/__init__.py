@@ -1,0 +1,1 @@
+"""Training: EMA, checkpoint/resume and the training engine."""

@@ -1,0 +1,48 @@
+"""Exponential moving average of parameters, as LDM's ``LitEma``.
+
+decay_t = min(decay, (1 + n) / (10 + n)) with n the number of updates so far, so the average
+warms up quickly instead of being dominated by the initial weights for ~1/(1-decay) steps.
+Shadows are float32 whatever the training dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class Ema:
+    def __init__(self, named_params: dict[str, torch.nn.Parameter], decay: float, warmup: bool = True) -> None:
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
+        self.decay = decay
+        self.warmup = warmup
+        self.num_updates = 0
+        self.shadow = {n: p.detach().float().clone() for n, p in named_params.items()}
+
+    def current_decay(self) -> float:
+        if not self.warmup:
+            return self.decay
+        return min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
+
+    @torch.no_grad()
+    def update(self, named_params: dict[str, torch.nn.Parameter]) -> None:
+        decay = self.current_decay()
+        self.num_updates += 1
+        for name, p in named_params.items():
+            s = self.shadow[name]
+            s.sub_((1.0 - decay) * (s - p.detach().float()))
+
+    @torch.no_grad()
+    def copy_to(self, module: torch.nn.Module) -> None:
+        params = dict(module.named_parameters())
+        for name, s in self.shadow.items():
+            params[name].copy_(s.to(params[name].dtype))
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "warmup": self.warmup, "num_updates": self.num_updates, "shadow": self.shadow}
+
+    def load_state_dict(self, state: dict) -> None:
+        if set(state["shadow"]) != set(self.shadow):
+            raise ValueError("EMA state does not match the trained parameters")
+        self.decay, self.warmup, self.num_updates = state["decay"], state["warmup"], state["num_updates"]
+        self.shadow = {n: t.float().clone() for n, t in state["shadow"].items()}
