@@ -11,7 +11,7 @@ import pytest
 from PIL import Image, ImageFile
 
 from vaeft.config import DataParams, SourceParams
-from vaeft.data.curate import REPORT_FILE, curate, split_of
+from vaeft.data.curate import REPORT_FILE, CurationError, curate, split_of
 from vaeft.data.images import ImageLimits, ImageRejected, load_rgb
 from vaeft.data.manifest import MANIFEST_FILE, read_manifest
 
@@ -109,6 +109,6 @@ def test_decompression_bomb_is_refused_before_decoding(tmp_path, monkeypatch):
 
 def test_missing_source_folder_is_a_clear_error(tmp_path):
     params = DataParams(sources=[SourceParams(name="x", kind="folder", path=str(tmp_path / "nope"))])
-    with pytest.raises(FileNotFoundError, match="data source 'x': folder .* does not exist"):
+    with pytest.raises(CurationError, match="data source 'x': folder .* does not exist"):
         curate(params, tmp_path / "out")
     assert not (tmp_path / "out").exists()  # nothing half-written

@@ -24,10 +24,12 @@ from pydantic import (
     model_validator,
 )
 
+from vaeft.errors import VaeftError
+
 DEFAULT_PARAMS_FILE = Path("params.yaml")
 
 
-class ParamsError(ValueError):
+class ParamsError(VaeftError, ValueError):
     """A params file that cannot be used; ``str()`` is one line naming the key and the value."""
 
 

@@ -21,8 +21,13 @@ from vaeft.console import banner, console, progress
 from vaeft.data.embedded import IMAGE_SUFFIXES, embedded_image_files
 from vaeft.data.images import ImageLimits, ImageRejected, load_rgb
 from vaeft.data.manifest import MANIFEST_FILE, ManifestRow, write_manifest
+from vaeft.errors import VaeftError
 
 REPORT_FILE = "curation_report.json"
+
+
+class CurationError(VaeftError):
+    pass
 
 
 @dataclass(frozen=True)
@@ -49,7 +54,7 @@ def source_files(source: SourceParams) -> list[tuple[str, Path]]:
         return embedded_image_files()
     root = Path(source.path or "")
     if not root.is_dir():
-        raise FileNotFoundError(f"data source {source.name!r}: folder {root} does not exist")
+        raise CurationError(f"data source {source.name!r}: folder {root} does not exist")
     found = sorted(p.relative_to(root) for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     return [(str(Path(source.path or "") / rel), root / rel) for rel in found]
 
@@ -102,7 +107,7 @@ def curate(params: DataParams, out_dir: str | Path) -> CurateResult:
         n_eval = sum(r.split == "eval" for r in rows)
         n_train = len(rows) - n_eval
         if n_train == 0 or n_eval == 0:
-            raise RuntimeError(
+            raise CurationError(
                 f"curation kept {n_train} train and {n_eval} eval images; need at least one of each "
                 "(add images or change data.eval_fraction)"
             )

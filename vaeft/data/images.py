@@ -9,8 +9,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from vaeft.errors import VaeftError
 
-class ImageRejected(Exception):
+
+class ImageRejected(VaeftError):
     """An input image that curation refuses; ``reason`` is a stable code for reports."""
 
     def __init__(self, reason: str, detail: str = "") -> None:

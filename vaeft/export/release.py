@@ -63,6 +63,17 @@ def write_sums(root: Path) -> Path:
     return root / SUMS_FILE
 
 
+def verify_sums(root: Path) -> None:
+    """Raise ``ValueError`` naming the first file whose bytes do not match ``SHA256SUMS``."""
+    for line in (root / SUMS_FILE).read_text(encoding="utf-8").splitlines():
+        digest, rel = line.split("  ", 1)
+        path = root / rel
+        if not path.is_file():
+            raise ValueError(f"{path}: listed in {SUMS_FILE} but missing")
+        if file_digest(path) != digest:
+            raise ValueError(f"{path}: sha256 does not match {SUMS_FILE}")
+
+
 def export_models(
     params: ExportParams,
     models: dict[str, str | Path],

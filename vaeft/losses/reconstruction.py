@@ -11,6 +11,7 @@ from collections.abc import Callable
 import torch
 
 from vaeft.config import LossParams
+from vaeft.errors import VaeftError
 from vaeft.losses import pixel
 
 _PIXEL_TERMS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
@@ -19,7 +20,7 @@ _PIXEL_TERMS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = 
 }
 
 
-class UnsupportedLossError(ValueError):
+class UnsupportedLossError(VaeftError, ValueError):
     pass
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from vaeft import atomic
+from vaeft.errors import VaeftError
 from vaeft.model.build import autoencoder_class
 
 if TYPE_CHECKING:
@@ -16,7 +17,7 @@ DIFFUSERS_CONFIG = "config.json"
 DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(VaeftError, ValueError):
     """A model path that cannot be loaded; the message says why and what was expected."""
 
 

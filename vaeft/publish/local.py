@@ -13,10 +13,11 @@ from pathlib import Path
 
 from vaeft import atomic
 from vaeft.console import console
-from vaeft.export.release import SUMS_FILE
+from vaeft.errors import VaeftError
+from vaeft.export.release import SUMS_FILE, verify_sums
 
 
-class PublishConflictError(RuntimeError):
+class PublishConflictError(VaeftError, RuntimeError):
     pass
 
 
@@ -45,6 +46,7 @@ def publish_local(export_dir: str | Path, target: str | Path) -> PublishResult:
         return PublishResult(version, dest, uploaded=False)
     with atomic.atomic_dir(dest) as tmp:
         shutil.copytree(export_dir, tmp, dirs_exist_ok=True)
+        verify_sums(tmp)  # a bad copy never becomes a release
     atomic.write_text(target / "LATEST", version + "\n")
     console.print(f"publish: release {version} -> {dest}")
     return PublishResult(version, dest, uploaded=True)

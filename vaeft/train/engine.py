@@ -21,6 +21,7 @@ from vaeft.config import Params, TrainPhaseParams
 from vaeft.console import banner, console, progress
 from vaeft.data.loader import to_model_range, train_batches
 from vaeft.data.manifest import MANIFEST_FILE
+from vaeft.errors import VaeftError
 from vaeft.losses.reconstruction import ReconstructionLoss
 from vaeft.model.build import build_autoencoder
 from vaeft.model.freeze import configure_trainable
@@ -32,7 +33,7 @@ PHASES = ("pretrain", "ema", "mse")
 MAX_CONSECUTIVE_NONFINITE = 20
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(VaeftError, RuntimeError):
     pass
 
 

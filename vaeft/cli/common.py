@@ -1,0 +1,49 @@
+"""What every CLI module shares: the Typer app, option types and small argument helpers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from vaeft.config import DEFAULT_PARAMS_FILE, Params, load_params
+from vaeft.errors import VaeftError
+
+__all__ = ["DEFAULT_PARAMS_FILE", "ParamsOpt", "UsageError", "app", "load", "named_paths", "require"]
+
+app = typer.Typer(
+    name="vaeft",
+    help="Fine-tune Stable Diffusion kl-f8 VAE decoders: curate -> pretrain/import -> ft-EMA -> ft-MSE -> evaluate -> export.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="params file (YAML)")]
+
+
+class UsageError(VaeftError):
+    """A user-fixable problem; printed as one line."""
+
+
+def load(path: Path) -> Params:
+    return load_params(path)
+
+
+def named_paths(items: list[str], option: str) -> dict[str, Path]:
+    out: dict[str, Path] = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise UsageError(f"{option} expects NAME=PATH, got {item!r}")
+        if name in out:
+            raise UsageError(f"{option}: model name {name!r} given twice")
+        out[name] = Path(path)
+    return out
+
+
+def require(path: Path, what: str) -> Path:
+    if not path.exists():
+        raise UsageError(f"{what} {path} does not exist")
+    return path

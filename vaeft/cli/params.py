@@ -1,0 +1,61 @@
+"""``vaeft params`` and ``vaeft recipe``: inspect params files and apply recipe presets."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from vaeft.cli.common import DEFAULT_PARAMS_FILE, ParamsOpt, UsageError, app, load
+from vaeft.config import params_as_dict
+
+params_app = typer.Typer(help="Inspect and validate params files.", no_args_is_help=True)
+recipe_app = typer.Typer(help="Recipe presets (real-run params files).", no_args_is_help=True)
+app.add_typer(params_app, name="params")
+app.add_typer(recipe_app, name="recipe")
+
+RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
+
+
+
+@params_app.command("check")
+def params_check(params: ParamsOpt = DEFAULT_PARAMS_FILE) -> None:
+    """Validate a params file; prints 'ok' or the first problem (key and value)."""
+    load(params)
+    typer.echo(f"{params}: ok")
+
+
+@params_app.command("show")
+def params_show(params: ParamsOpt = DEFAULT_PARAMS_FILE) -> None:
+    """Print the resolved params (defaults filled in) as YAML."""
+    import yaml
+
+    typer.echo(yaml.safe_dump(params_as_dict(load(params)), sort_keys=False), nl=False)
+
+
+def _recipe_files() -> dict[str, Path]:
+    return {p.stem: p for p in sorted(RECIPES_DIR.glob("*.yaml"))} if RECIPES_DIR.is_dir() else {}
+
+
+@recipe_app.command("list")
+def recipe_list() -> None:
+    """List the recipe presets."""
+    for name, path in _recipe_files().items():
+        first = next((ln.lstrip("# ").strip() for ln in path.read_text().splitlines() if ln.startswith("#")), "")
+        typer.echo(f"{name:<16} {first}")
+
+
+@recipe_app.command("apply")
+def recipe_apply(
+    name: Annotated[str, typer.Argument(help="recipe name (see `vaeft recipe list`)")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="params file to write")] = DEFAULT_PARAMS_FILE,
+) -> None:
+    """Validate a recipe preset and write it as the params file for a real run."""
+    recipes = _recipe_files()
+    if name not in recipes:
+        raise UsageError(f"unknown recipe {name!r} (available: {', '.join(recipes) or 'none'})")
+    load(recipes[name])
+    shutil.copyfile(recipes[name], out)
+    typer.echo(f"wrote {out} from recipe {name}; run `dvc repro` to train it")

@@ -1,0 +1,115 @@
+"""The pipeline stages as commands; each validates params once and calls one library function."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from vaeft.cli.common import DEFAULT_PARAMS_FILE, ParamsOpt, UsageError, app, load, named_paths, require
+from vaeft.config import Params
+
+
+@app.command()
+def curate(
+    params: ParamsOpt = DEFAULT_PARAMS_FILE,
+    out: Annotated[Path, typer.Option("--out", "-o", help="curated data directory")] = Path("data/curated"),
+    source: Annotated[
+        Optional[list[Path]], typer.Option("--source", "-s", help="image folder; replaces the params' sources (repeatable)")
+    ] = None,
+) -> None:
+    """Validate, normalise and split images into a curated store with a manifest."""
+    from vaeft.config import SourceParams
+    from vaeft.data.curate import curate as run
+
+    # Outside a vaeft checkout (no params.yaml) plain folders curate with the default thresholds.
+    data = (load(params) if params.exists() or params != DEFAULT_PARAMS_FILE else Params()).data
+    if source:
+        sources = [SourceParams(name=f"src{i}_{s.name or 'root'}", kind="folder", path=str(require(s, "source")))
+                   for i, s in enumerate(source)]
+        data = data.model_copy(update={"sources": sources})
+    run(data, out)
+
+
+@app.command()
+def pretrain(
+    params: ParamsOpt = DEFAULT_PARAMS_FILE,
+    data: Annotated[Path, typer.Option(help="curated data directory")] = Path("data/curated"),
+    out: Annotated[Path, typer.Option("--out", "-o", help="output diffusers folder")] = Path("models/base"),
+    log: Annotated[Optional[Path], typer.Option(help="training log CSV (DVC plot)")] = None,
+    state_dir: Annotated[Path, typer.Option(help="resumable training state (outside DVC outputs)")] = Path(".vaeft/state"),
+) -> None:
+    """The base model: import model.base if set, else pretrain the tiny autoencoder from scratch."""
+    from vaeft.train.engine import prepare_base
+
+    p = load(params)
+    prepare_base(p, require(data, "data directory"), out, log, state_dir)
+
+
+@app.command()
+def train(
+    phase: Annotated[str, typer.Argument(help="training phase: ema or mse (pretrain: see `vaeft pretrain`)")],
+    init: Annotated[Path, typer.Option(help="model to start from (diffusers folder)")],
+    params: ParamsOpt = DEFAULT_PARAMS_FILE,
+    data: Annotated[Path, typer.Option(help="curated data directory")] = Path("data/curated"),
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="output diffusers folder [models/ft-PHASE]")] = None,
+    log: Annotated[Optional[Path], typer.Option(help="training log CSV (DVC plot)")] = None,
+    state_dir: Annotated[Path, typer.Option(help="resumable training state (outside DVC outputs)")] = Path(".vaeft/state"),
+) -> None:
+    """Decoder-only fine-tune (encoder frozen), exporting EMA weights. Re-running resumes."""
+    from vaeft.train.engine import train_phase
+
+    if phase not in ("ema", "mse"):
+        raise UsageError(f"unknown phase {phase!r}: expected 'ema' or 'mse'")
+    p = load(params)
+    train_phase(phase, p, require(data, "data directory"), out or Path(f"models/ft-{phase}"),
+                require(init, "init model"), log, state_dir)
+
+
+@app.command()
+def evaluate(
+    model: Annotated[list[str], typer.Option("--model", "-m", help="NAME=PATH of a model to evaluate (repeatable)")],
+    params: ParamsOpt = DEFAULT_PARAMS_FILE,
+    data: Annotated[Path, typer.Option(help="curated data directory (its eval split is used)")] = Path("data/curated"),
+    metrics: Annotated[Path, typer.Option(help="metrics JSON (DVC metrics)")] = Path("metrics/eval.json"),
+    report: Annotated[Path, typer.Option(help="report directory (table, per-image CSV, grid)")] = Path("reports/eval"),
+) -> None:
+    """Reconstruct the eval set with each model; write metrics, a table and a comparison grid."""
+    from vaeft.evaluate.report import evaluate_models
+
+    models = {k: require(v, f"model {k!r}") for k, v in named_paths(model, "--model").items()}
+    steps = {}
+    p = load(params)
+    for name in models:
+        phase = {"ft-ema": "ema", "ft-mse": "mse"}.get(name)
+        steps[name] = getattr(p.train, phase).steps if phase else None
+    evaluate_models(p.evaluate, require(data, "data directory"), models, metrics, report, steps)
+
+
+@app.command()
+def export(
+    model: Annotated[list[str], typer.Option("--model", "-m", help="NAME=PATH of a model to export (repeatable)")],
+    params: ParamsOpt = DEFAULT_PARAMS_FILE,
+    out: Annotated[Path, typer.Option("--out", "-o", help="export directory")] = Path("export"),
+    eval_table: Annotated[Optional[Path], typer.Option(help="markdown eval table to put in the model cards")] = None,
+) -> None:
+    """Write each model as a diffusers folder with a model card, plus SHA256SUMS."""
+    from vaeft.export.release import export_models
+
+    models = {k: require(v, f"model {k!r}") for k, v in named_paths(model, "--model").items()}
+    export_models(load(params).export, models, out, eval_table)
+
+
+@app.command()
+def publish(
+    export_dir: Annotated[Path, typer.Option("--export", help="export directory")] = Path("export"),
+    to: Annotated[Optional[Path], typer.Option("--to", help="target directory [params publish.target]")] = None,
+    params: ParamsOpt = DEFAULT_PARAMS_FILE,
+) -> None:
+    """Publish an export to a local directory (content-addressed, idempotent)."""
+    from vaeft.publish.local import publish_local
+
+    target = to if to is not None else Path(load(params).publish.target)
+    result = publish_local(require(export_dir, "export directory"), target)
+    typer.echo(str(result.path))
