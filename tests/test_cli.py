@@ -18,7 +18,7 @@ from vaeft.data.manifest import read_manifest
 
 runner = CliRunner()
 
-COMMANDS = [[], ["curate"], ["pretrain"], ["train"], ["evaluate"], ["export"], ["publish"],
+COMMANDS = [[], ["curate"], ["pretrain"], ["train"], ["evaluate"], ["export"], ["publish"], ["augment"], ["augment", "preview"],
             ["params"], ["params", "check"], ["params", "show"], ["recipe"], ["recipe", "list"], ["recipe", "apply"]]
 
 

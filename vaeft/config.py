@@ -79,9 +79,31 @@ class DataParams(_Strict):
 
 
 class AugmentParams(_Strict):
+    """Random square crops at several Lanczos downscales, rotated and flipped (Furception's recipe)."""
+
     crop_size: PositiveInt = 64
+    # How the downscale factor s is drawn from [crop_size / shorter side, 1] (never upscaled):
+    # "none" keeps s = 1 (plain crops), "uniform" / "log_uniform" draw it continuously,
+    # "levels" picks one of `scale_levels` that fits (falling back to the smallest feasible s).
+    scale_mode: Literal["none", "uniform", "log_uniform", "levels"] = "log_uniform"
+    scale_levels: list[float] = Field(default_factory=lambda: [1.0, 0.5, 0.25])
+    # Multiples of 90 degrees are lossless pixel permutations; `max_angle` > 0 adds an arbitrary
+    # rotation in [-max_angle, max_angle] degrees, with the crop taken inside the valid region.
+    rot90: bool = True
+    max_angle: float = Field(default=0.0, ge=0.0, le=45.0)
     hflip: bool = True
     vflip: bool = False
+    # JPEG fast path: decode at reduced DCT scale (draft mode) to >= 2x the needed size.
+    jpeg_draft: bool = True
+    # Keep decoded images in worker memory (small datasets such as the embedded default).
+    cache_images: bool = False
+
+    @field_validator("scale_levels")
+    @classmethod
+    def _levels_in_range(cls, v: list[float]) -> list[float]:
+        if not v or not all(0.0 < x <= 1.0 for x in v):
+            raise ValueError("scale_levels must be a non-empty list of factors in (0, 1]")
+        return sorted(set(v), reverse=True)
 
 
 # --------------------------------------------------------------------------- model

@@ -1,61 +1,103 @@
-"""Training batches as a pure function of the step: exact resume, any worker count.
+"""Training batches as a pure function of the step: exact resume, any worker count, any rank.
 
-The i-th training sample of a run is ``epoch = i // N``, ``position = i % N``; the image is
+The i-th sample of a run is ``epoch = i // N``, ``position = i % N``; the image is
 ``permutation(seed, epoch)[position]`` and its crop is drawn from ``rng(seed, epoch, position)``.
-A resumed run starting at step s simply asks for samples from s * batch_size on.
+Step t of rank r (of W ranks, B samples each) takes samples ``(t * W + r) * B ...``, so the
+sampler's position is just the step number, which the training checkpoint already holds.
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
-from vaeft.augment.crops import random_crop, sample_rng
+from vaeft.augment.crops import ImageTooSmall, random_crop, sample_rng
 from vaeft.config import AugmentParams
 from vaeft.data.manifest import read_manifest
+
+log = logging.getLogger(__name__)
+
+# What a file changed or broken since curation raises while decoding.
+_DECODE_ERRORS = (OSError, ValueError, SyntaxError, ImageTooSmall, Image.DecompressionBombError)
 
 
 class CropStream(Dataset):
     """Map-style dataset over the virtual, endless sample sequence of a run."""
 
-    def __init__(self, data_dir: str | Path, augment: AugmentParams, seed: int, length: int) -> None:
+    def __init__(self, data_dir: str | Path, augment: AugmentParams, seed: int, length: int, split: str = "train") -> None:
         data_dir = Path(data_dir)
-        rows = read_manifest(data_dir, split="train")
+        rows = read_manifest(data_dir, split=split)
         if not rows:
-            raise ValueError(f"{data_dir}: the manifest has no training images")
-        # The curated store is small in the embedded default; decoded once, kept in memory.
-        self.images = [np.asarray(Image.open(data_dir / r.stored_path).convert("RGB")) for r in rows]
+            raise ValueError(f"{data_dir}: the manifest has no {split} images")
+        self.paths = [data_dir / r.stored_path for r in rows]
         self.augment, self.seed, self.length = augment, seed, length
-        self._perms: dict[int, np.ndarray] = {}
+        self._perm_epoch, self._perm = -1, np.empty(0, dtype=np.int64)
+        self._cache: dict[int, Image.Image] = {}
+        self.replaced = 0
 
     def __len__(self) -> int:
         return self.length
 
-    def _perm(self, epoch: int) -> np.ndarray:
-        if epoch not in self._perms:
-            self._perms = {epoch: np.random.default_rng([self.seed, epoch]).permutation(len(self.images))}
-        return self._perms[epoch]
+    def _permutation(self, epoch: int) -> np.ndarray:
+        if epoch != self._perm_epoch:
+            self._perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.paths))
+            self._perm_epoch = epoch
+        return self._perm
+
+    def _crop(self, idx: int, rng: np.random.Generator):
+        if idx in self._cache:
+            return random_crop(self._cache[idx], self.augment, rng)
+        with Image.open(self.paths[idx]) as img:
+            if not self.augment.cache_images:
+                return random_crop(img, self.augment, rng)
+            self._cache[idx] = img.convert("RGB")
+        return random_crop(self._cache[idx], self.augment, rng)
+
+    def sample(self, i: int) -> tuple[np.ndarray, dict]:
+        """Sample ``i`` as CHW uint8 plus what produced it (image index and crop spec)."""
+        n = len(self.paths)
+        epoch, pos = divmod(i, n)
+        perm = self._permutation(epoch)
+        rng = sample_rng(self.seed, epoch, pos)
+        # A file that no longer decodes is replaced by the next image of the same epoch's order:
+        # deterministic, so every worker and every resume makes the same choice.
+        for attempt in range(n):
+            idx = int(perm[(pos + attempt) % n])
+            try:
+                crop, spec = self._crop(idx, rng)
+            except _DECODE_ERRORS as exc:
+                self.replaced += 1
+                log.warning("sample %d: %s failed to load (%s); using the next image instead", i, self.paths[idx], exc)
+                rng = sample_rng(self.seed, epoch, pos)
+                continue
+            return crop, {"image": idx, "epoch": epoch, "position": pos, **spec.as_dict()}
+        raise RuntimeError(f"no training image could be decoded ({n} tried)")
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        n = len(self.images)
-        epoch, pos = divmod(i, n)
-        img = self.images[int(self._perm(epoch)[pos])]
-        return torch.from_numpy(random_crop(img, self.augment, sample_rng(self.seed, epoch, pos)))
+        return torch.from_numpy(self.sample(i)[0])
 
 
-class _Range(torch.utils.data.Sampler[int]):
-    def __init__(self, start: int, stop: int) -> None:
-        self.start, self.stop = start, stop
+class StepSampler(Sampler[int]):
+    """Sample indices of steps ``start_step`` .. ``stop_step - 1`` for one rank."""
 
-    def __iter__(self):
-        return iter(range(self.start, self.stop))
+    def __init__(self, start_step: int, stop_step: int, batch_size: int, rank: int = 0, world_size: int = 1) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world size {world_size}")
+        self.start, self.stop, self.batch, self.rank, self.world = start_step, stop_step, batch_size, rank, world_size
+
+    def __iter__(self) -> Iterator[int]:
+        for step in range(self.start, self.stop):
+            base = (step * self.world + self.rank) * self.batch
+            yield from range(base, base + self.batch)
 
     def __len__(self) -> int:
-        return self.stop - self.start
+        return max(0, self.stop - self.start) * self.batch
 
 
 def train_batches(
@@ -66,16 +108,19 @@ def train_batches(
     start_step: int,
     total_steps: int,
     num_workers: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> DataLoader:
-    """Batches (uint8, N×C×H×W) for steps ``start_step`` .. ``total_steps - 1``."""
-    stream = CropStream(data_dir, augment, seed, length=total_steps * batch_size)
+    """Batches (uint8, N x C x H x W) of this rank for steps ``start_step`` .. ``total_steps - 1``."""
+    stream = CropStream(data_dir, augment, seed, length=total_steps * batch_size * world_size)
     return DataLoader(
         stream,
         batch_size=batch_size,
-        sampler=_Range(start_step * batch_size, total_steps * batch_size),
+        sampler=StepSampler(start_step, total_steps, batch_size, rank, world_size),
         num_workers=num_workers,
         pin_memory=torch.cuda.is_available(),
         persistent_workers=num_workers > 0,
+        prefetch_factor=4 if num_workers > 0 else None,
         drop_last=False,
     )
 

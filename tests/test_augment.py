@@ -1,0 +1,156 @@
+"""Augmentation and the training loader: determinism, exactness, the JPEG fast path, resume."""
+
+from __future__ import annotations
+
+import io
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from skimage import data as skdata
+
+from vaeft.augment.crops import CropSpec, naive_crop, render, sample_rng, sample_spec
+from vaeft.config import AugmentParams
+from vaeft.data.loader import CropStream, StepSampler, train_batches
+from vaeft.data.manifest import read_manifest
+from vaeft.evaluate.metrics import psnr
+
+
+def _params(**kw) -> AugmentParams:
+    return AugmentParams(**{"crop_size": 32, **kw})
+
+
+def test_same_seed_same_bytes_different_index_different_crop(curated):
+    p = _params(scale_mode="log_uniform", max_angle=10.0, vflip=True)
+    a, b = CropStream(curated, p, seed=3, length=100), CropStream(curated, p, seed=3, length=100)
+    for i in (0, 1, 57):
+        assert a.sample(i)[0].tobytes() == b.sample(i)[0].tobytes()
+    crops = {a.sample(i)[0].tobytes() for i in range(20)}
+    assert len(crops) == 20
+    assert CropStream(curated, p, seed=4, length=100).sample(0)[0].tobytes() != a.sample(0)[0].tobytes()
+
+
+def test_worker_count_does_not_change_batches(curated):
+    p = _params(cache_images=True)
+    kw = dict(augment=p, seed=1, batch_size=4, start_step=0, total_steps=5)
+    serial = [b.clone() for b in train_batches(curated, num_workers=0, **kw)]
+    parallel = [b.clone() for b in train_batches(curated, num_workers=2, **kw)]
+    assert len(serial) == 5 and all(torch.equal(x, y) for x, y in zip(serial, parallel, strict=True))
+
+
+@pytest.mark.parametrize("mode", ["none", "uniform", "log_uniform", "levels"])
+@pytest.mark.parametrize("angle", [0.0, 30.0])
+def test_every_crop_is_exactly_the_target_size_with_no_padding(mode, angle):
+    p = _params(scale_mode=mode, max_angle=angle, vflip=True)
+    for w, h in [(47, 300), (300, 47), (64, 64), (333, 211)]:
+        img = Image.new("RGB", (w, h), (200, 120, 40))  # any padding would show as black
+        for i in range(25):
+            rng = sample_rng(0, 0, i)
+            spec = sample_spec(w, h, p, rng)
+            out = render(img, spec, p)
+            assert out.shape == (3, 32, 32) and out.dtype == np.uint8
+            assert (np.abs(out.astype(int) - np.array([200, 120, 40])[:, None, None]) <= 2).all(), (w, h, spec)
+
+
+def test_rotations_and_flips_are_exact_pixel_permutations():
+    img = Image.fromarray(skdata.astronaut())
+    src = np.asarray(img)
+    p = _params(scale_mode="none", rot90=True, hflip=True, vflip=True)
+    seen = set()
+    for i in range(40):
+        spec = sample_spec(img.width, img.height, p, sample_rng(5, 0, i))
+        out = render(img, spec, p).transpose(1, 2, 0)
+        block = src[spec.top : spec.top + 32, spec.left : spec.left + 32]
+        undo = out
+        if spec.vflip:
+            undo = undo[::-1, :]
+        if spec.hflip:
+            undo = undo[:, ::-1]
+        undo = np.rot90(undo, -spec.rot90)
+        assert np.array_equal(undo, block)
+        seen.add((spec.rot90, spec.hflip, spec.vflip))
+    assert len(seen) >= 8  # the choices really vary
+
+
+def test_scale_never_upscales_and_spans_the_range():
+    p = _params(scale_mode="log_uniform")
+    scales = [sample_spec(640, 320, p, sample_rng(0, 0, i)).scale for i in range(300)]
+    assert min(scales) >= 32 / 320 and max(scales) <= 1.0
+    assert min(scales) < 0.15 and max(scales) > 0.8
+    levels = {sample_spec(640, 320, _params(scale_mode="levels", scale_levels=[1.0, 0.5, 0.25]), sample_rng(0, 0, i)).scale
+              for i in range(50)}
+    assert levels == {1.0, 0.5, 0.25}
+
+
+def _big_jpeg() -> Image.Image:
+    photo = Image.fromarray(skdata.coffee()).resize((1800, 1200), Image.LANCZOS)  # ~2 MP
+    buf = io.BytesIO()
+    photo.save(buf, format="JPEG", quality=92)
+    return buf.getvalue()
+
+
+def test_jpeg_fast_path_stays_within_45_db_of_the_exact_path():
+    data = _big_jpeg()
+    p_fast = AugmentParams(crop_size=128, scale_mode="log_uniform", rot90=False, hflip=False)
+    p_exact = p_fast.model_copy(update={"jpeg_draft": False})
+    worst, drafted = np.inf, 0
+    for i in range(16):
+        with Image.open(io.BytesIO(data)) as img:
+            spec = sample_spec(img.width, img.height, p_fast, sample_rng(0, 0, i))
+            fast = render(img, spec, p_fast)
+            drafted += img.size != (1800, 1200)
+        with Image.open(io.BytesIO(data)) as img:
+            exact = render(img, spec, p_exact)
+        worst = min(worst, psnr(exact.transpose(1, 2, 0), fast.transpose(1, 2, 0))[0])
+    assert drafted >= 3  # the draft path was really taken
+    assert worst >= 45.0
+
+
+def test_region_resize_matches_resizing_the_whole_image():
+    img = Image.fromarray(skdata.astronaut())
+    p = _params(crop_size=64, jpeg_draft=False)
+    spec = CropSpec(scale=0.5, left=100, top=60, region=64, angle=0.0, rot90=0, hflip=False, vflip=False)
+    ours, naive = render(img, spec, p), naive_crop(img, spec, p)
+    assert psnr(naive.transpose(1, 2, 0), ours.transpose(1, 2, 0))[0] > 40
+
+
+def test_sampler_resumes_mid_epoch_with_the_same_remaining_order():
+    full = list(StepSampler(0, 10, batch_size=3))
+    assert list(StepSampler(4, 10, batch_size=3)) == full[12:]
+    ranks = [list(StepSampler(0, 10, batch_size=3, rank=r, world_size=2)) for r in (0, 1)]
+    assert not set(ranks[0]) & set(ranks[1]) and sorted(ranks[0] + ranks[1]) == list(range(60))
+    with pytest.raises(ValueError):
+        StepSampler(0, 1, 1, rank=2, world_size=2)
+
+
+def test_resumed_loader_yields_the_tail_of_the_uninterrupted_run(curated):
+    p = _params()
+    full = list(train_batches(curated, p, 2, 4, 0, 6))
+    tail = list(train_batches(curated, p, 2, 4, 3, 6))
+    assert all(torch.equal(x, y) for x, y in zip(full[3:], tail, strict=True))
+
+
+def test_broken_file_is_replaced_deterministically(tmp_path, curated):
+    data = tmp_path / "data"
+    shutil.copytree(curated, data)
+    victim = data / read_manifest(data, split="train")[0].stored_path
+    victim.write_bytes(b"changed since curation")
+    p = _params()
+    a, b = CropStream(data, p, seed=0, length=200), CropStream(data, p, seed=0, length=200)
+    crops_a = [a.sample(i)[0] for i in range(60)]
+    assert a.replaced > 0
+    assert all(np.array_equal(x, b.sample(i)[0]) for i, x in enumerate(crops_a))
+
+
+def test_preview_grid_shows_the_training_samples(tmp_path, curated):
+    from vaeft.augment.preview import preview_grid
+
+    p = _params()
+    result = preview_grid(curated, p, seed=0, out=tmp_path / "grid.png", n=5)
+    grid = np.asarray(Image.open(result.path))
+    assert grid.shape == (2 + 2 * 34, 2 + 3 * 34, 3)  # 3 columns x 2 rows of 32 px + 2 px gaps
+    first = CropStream(curated, p, seed=0, length=5).sample(0)[0].transpose(1, 2, 0)
+    assert np.array_equal(grid[2:34, 2:34], first)
+    assert len(result.specs) == 5 and {"scale", "rot90", "hflip"} <= set(result.specs[0])

@@ -1,0 +1,29 @@
+"""``vaeft augment``: look at the training crops."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from vaeft.cli.common import DEFAULT_PARAMS_FILE, ParamsOpt, app, load, require
+
+augment_app = typer.Typer(help="Training-crop augmentation tools.", no_args_is_help=True)
+app.add_typer(augment_app, name="augment")
+
+
+@augment_app.command("preview")
+def preview(
+    params: ParamsOpt = DEFAULT_PARAMS_FILE,
+    data: Annotated[Path, typer.Option(help="curated data directory")] = Path("data/curated"),
+    out: Annotated[Path, typer.Option("--out", "-o", help="PNG to write")] = Path("augment_preview.png"),
+    n: Annotated[int, typer.Option("-n", min=1, max=1024, help="number of samples")] = 16,
+    start: Annotated[int, typer.Option(min=0, help="first sample index of the run")] = 0,
+) -> None:
+    """Write a PNG grid of N augmented training samples, exactly as training draws them."""
+    from vaeft.augment.preview import preview_grid
+
+    p = load(params)
+    result = preview_grid(require(data, "data directory"), p.augment, p.seed, out, n=n, start=start)
+    typer.echo(f"wrote {result.path} ({result.n} samples of {p.augment.crop_size}x{p.augment.crop_size})")
