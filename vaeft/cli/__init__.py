@@ -11,7 +11,8 @@ import sys
 import click
 import typer
 
-from vaeft.cli import params as _params  # noqa: F401  (registers commands)
+from vaeft.cli import model as _model  # noqa: F401  (registers commands)
+from vaeft.cli import params as _params  # noqa: F401
 from vaeft.cli import stages as _stages  # noqa: F401
 from vaeft.cli.common import app
 from vaeft.errors import VaeftError
