@@ -22,7 +22,10 @@ __all__ = ["app", "main"]
 
 def main(argv: list[str] | None = None) -> None:
     try:
-        app(args=argv, standalone_mode=False)
+        # With standalone_mode=False click returns typer.Exit's code instead of raising it.
+        rc = app(args=argv, standalone_mode=False)
+        if isinstance(rc, int) and rc:
+            sys.exit(rc)
     except (VaeftError, FileNotFoundError) as err:
         typer.secho(f"error: {err}", fg="red", err=True)
         sys.exit(2)
