@@ -14,6 +14,7 @@ import typer
 from vaeft.cli import model as _model  # noqa: F401  (registers commands)
 from vaeft.cli import params as _params  # noqa: F401
 from vaeft.cli import stages as _stages  # noqa: F401
+from vaeft.cli import weights as _weights  # noqa: F401
 from vaeft.cli.common import app
 from vaeft.errors import VaeftError
 
