@@ -190,3 +190,23 @@ def test_convert_cli_both_directions(tmp_path):
     same_weights(load_autoencoder(tmp_path / "v.ckpt", config=tmp_path / "d"), vae)
     bad = runner.invoke(app, ["convert", str(tmp_path / "d"), str(tmp_path / "v.pt"), "--to", "ldm"])
     assert bad.exit_code != 0 and not (tmp_path / "v.pt").exists()
+
+
+def test_pretrain_stage_imports_an_ldm_base(tmp_path, tiny_raw):
+    from vaeft.config import parse_params
+    from vaeft.train.engine import prepare_base
+
+    arch = tiny_raw["model"]["architecture"]
+    torch.manual_seed(3)
+    vae = build_autoencoder(ArchitectureParams(**arch))
+    save_ldm(vae, tmp_path / "base.ckpt")
+    tiny_raw["model"]["base"] = str(tmp_path / "base.ckpt")
+    prepare_base(parse_params(tiny_raw), tmp_path, tmp_path / "models" / "base")
+    imported = load_autoencoder(tmp_path / "models" / "base")
+    same_weights(imported, vae)
+    assert imported.config.norm_num_groups == arch["norm_num_groups"]  # from params, not the default 32
+    # A base that does not match the params' architecture fails instead of loading wrongly.
+    save_ldm(tiny("2x8-16_l2"), tmp_path / "other.safetensors")
+    tiny_raw["model"]["base"] = str(tmp_path / "other.safetensors")
+    with pytest.raises(ModelLoadError, match="shape mismatch at encoder.conv_in.weight"):
+        prepare_base(parse_params(tiny_raw), tmp_path, tmp_path / "models" / "other")

@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DIFFUSERS_CONFIG", "DIFFUSERS_WEIGHTS", "LoadedState", "ModelLoadError", "UnsafePickleError",
-    "is_diffusers_folder", "load_autoencoder", "load_state", "load_state_strict", "save_diffusers", "save_ldm",
+    "is_diffusers_folder", "load_autoencoder", "load_with_architecture", "load_state", "load_state_strict", "save_diffusers", "save_ldm",
 ]
 
 DIFFUSERS_CONFIG = "config.json"
@@ -170,6 +170,15 @@ def load_autoencoder(
         torch.nn.Module.to(vae, dtype=dtype)
     vae.eval()
     return vae
+
+
+def load_with_architecture(path: str | Path, arch: ArchitectureParams) -> AutoencoderKL:
+    """What pipeline stages use: a diffusers folder with its own config, any other source with ``arch``.
+
+    Giving single files the params' architecture means a file that does not match it fails
+    with the offending key, instead of loading with a guessed group count.
+    """
+    return load_autoencoder(path, config=None if is_diffusers_folder(path) else arch)
 
 
 def save_diffusers(vae: AutoencoderKL, out_dir: str | Path) -> Path:
