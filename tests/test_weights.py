@@ -161,6 +161,42 @@ def test_weights_cli(store, tmp_path):
     assert runner.invoke(app, ["weights", "add", "extra", str(f)]).exit_code == 0
 
 
+def test_zipped_ldm_base_is_unpacked_and_loads(store, server, tmp_path):
+    import io
+    import zipfile
+
+    import torch
+
+    from vaeft.config import ArchitectureParams
+    from vaeft.model.build import build_autoencoder
+    from vaeft.model.io import load_autoencoder, save_ldm
+
+    torch.manual_seed(0)
+    vae = build_autoencoder(ArchitectureParams(block_out_channels=[16, 32], layers_per_block=1, norm_num_groups=8))
+    save_ldm(vae, tmp_path / "model.ckpt")
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.write(tmp_path / "model.ckpt", "model.ckpt")
+        zf.writestr("config.yaml", "model: {}\n")
+    Handler.files["/kl.zip"] = buf.getvalue()
+    evil = io.BytesIO()
+    with zipfile.ZipFile(evil, "w") as zf:
+        zf.writestr("../../escaped.txt", "x")
+    Handler.files["/evil.zip"] = evil.getvalue()
+    reg = yaml.safe_load(open(os.environ["VAEFT_WEIGHTS_REGISTRY"]))
+    reg["weights"]["klz"] = {"path": "klz/kl.zip", "url": f"{server}/kl.zip", "sha256": sha(buf.getvalue()),
+                             "extract": True}
+    reg["weights"]["evil"] = {"path": "evil/evil.zip", "url": f"{server}/evil.zip", "sha256": None, "extract": True}
+    open(os.environ["VAEFT_WEIGHTS_REGISTRY"], "w").write(yaml.safe_dump(reg))
+    pull(["klz"], backoff=0)
+    assert (store / "klz" / "config.yaml").is_file()
+    loaded = load_autoencoder(store / "klz", norm_num_groups=8)
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in vae.state_dict().items())
+    with pytest.raises(Exception, match="outside"):
+        pull(["evil"], backoff=0)
+    assert not (store.parent / "escaped.txt").exists() and not (store / "escaped.txt").exists()
+
+
 def test_shipped_registry_is_well_formed(monkeypatch):
     monkeypatch.delenv("VAEFT_WEIGHTS_REGISTRY", raising=False)
     specs = registry()

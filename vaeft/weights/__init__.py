@@ -61,6 +61,7 @@ class WeightSpec:
     files: tuple[WeightFile, ...]
     description: str = ""
     layout: str | None = None  # "diffusers" / "ldm" for models, None for other weights
+    extract: bool = False  # a zip whose members are unpacked beside it after verification
 
     @property
     def filename(self) -> str:  # the name earlier code used
@@ -85,7 +86,8 @@ def _parse_entry(name: str, entry: dict, source: Path) -> WeightSpec:
             )
         else:
             files = (WeightFile(root, entry.get("url"), entry.get("sha256"), entry.get("sha256_prefix"), entry.get("size")),)
-        return WeightSpec(name, root, files, entry.get("description", ""), entry.get("layout"))
+        return WeightSpec(name, root, files, entry.get("description", ""), entry.get("layout"),
+                          bool(entry.get("extract", False)))
     except (KeyError, TypeError) as err:
         raise RegistryError(f"{source}: malformed entry {name!r} ({err!r})") from err
 

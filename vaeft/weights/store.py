@@ -95,6 +95,8 @@ def pull(
             got = fetch(f.url, dest, f.sha256, f.sha256_prefix, retries=retries, backoff=backoff, progress=progress)
             record(store, f.path, got.sha256)
             done.append(f.path)
+            if s.extract:
+                extract_zip(dest)
         results.append(PullResult(s.name, done, skipped))
     return results
 
@@ -133,6 +135,8 @@ def add(name: str, source: str | Path, description: str = "") -> WeightSpec:
         for f, src in pairs:
             _copy(src, store / f.path)
             record(store, f.path, digests[f.path])
+            if s.extract:
+                extract_zip(store / f.path)
         return s
     if not source.is_file():
         raise VaeftError(f"{source}: a new weights entry must be one file")
@@ -147,6 +151,25 @@ def add(name: str, source: str | Path, description: str = "") -> WeightSpec:
     }
     atomic.write_text(local, yaml.safe_dump(raw, sort_keys=False))
     return spec(name)
+
+
+def extract_zip(archive: Path) -> list[Path]:
+    """Unpack a verified zip beside itself; members that would land outside that folder are refused."""
+    import zipfile
+
+    root = archive.parent.resolve()
+    out = []
+    with zipfile.ZipFile(archive) as zf:
+        for member in zf.infolist():
+            target = (root / member.filename).resolve()
+            if root not in target.parents:
+                raise VaeftError(f"{archive}: member {member.filename!r} would extract outside {root}")
+            if member.is_dir():
+                continue
+            with zf.open(member) as src, atomic.atomic_path(target) as tmp, open(tmp, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+            out.append(target)
+    return out
 
 
 def _copy(src: Path, dest: Path) -> None:
