@@ -23,7 +23,7 @@ OTHER = os.urandom(50_000)
 
 
 class Handler(http.server.BaseHTTPRequestHandler):
-    files = {"/good.bin": GOOD, "/corrupt.bin": GOOD, "/flaky.bin": GOOD, "/a/config.json": b'{"x": 1}',
+    files = {"/busy.bin": OTHER, "/good.bin": GOOD, "/corrupt.bin": GOOD, "/flaky.bin": GOOD, "/a/config.json": b'{"x": 1}',
              "/a/w.bin": OTHER}
     requests: list[tuple[str, str | None]] = []
     dropped: set[str] = set()
@@ -37,6 +37,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
         body = self.files.get(self.path)
         if body is None:
             self.send_error(404)
+            return
+        if self.path == "/busy.bin" and self.requests.count(("/busy.bin", None)) <= 2:
+            self.send_error(503)  # transient: the client must back off and retry
             return
         if self.path == "/corrupt.bin":
             body = body[:-1] + bytes([body[-1] ^ 1])
@@ -79,6 +82,7 @@ def store(tmp_path, server, monkeypatch):
         "repo": {"path": "repo", "layout": "diffusers", "files": [
             {"name": "config.json", "url": f"{server}/a/config.json", "sha256": sha(b'{"x": 1}')},
             {"name": "w.bin", "url": f"{server}/a/w.bin", "sha256": sha(OTHER)}]},
+        "busy": {"path": "b/busy.bin", "url": f"{server}/busy.bin", "sha256": sha(OTHER)},
         "gone": {"path": "x/gone.bin", "url": f"{server}/nope.bin", "sha256": None},
     }}
     (tmp_path / "registry.yaml").write_text(yaml.safe_dump(reg))
@@ -123,6 +127,17 @@ def test_dropped_connection_is_resumed_with_range(store):
     assert flaky[0] == ("/flaky.bin", None)
     assert flaky[1] == ("/flaky.bin", f"bytes={len(GOOD) // 3}-")  # resumed, not restarted
     assert {e.name: e for e in list_weights()}["flaky"].files[0].pinned == "sha256 prefix"
+
+
+def test_transient_server_errors_are_retried(store):
+    from vaeft.weights.download import DownloadError
+
+    with pytest.raises(DownloadError, match="failed after 2 attempts"):
+        pull(["busy"], retries=1, backoff=0)
+    Handler.requests.clear()
+    [res] = pull(["busy"], retries=3, backoff=0.01)
+    assert res.downloaded == ["b/busy.bin"] and (store / "b/busy.bin").read_bytes() == OTHER
+    assert [r[0] for r in Handler.requests] == ["/busy.bin"] * 3
 
 
 def test_missing_file_on_server_fails_without_retrying(store):
