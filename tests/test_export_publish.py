@@ -44,7 +44,8 @@ def test_sha256sums_cover_every_file(exported):
     lines = (exported / SUMS_FILE).read_text().splitlines()
     listed = {ln.split("  ", 1)[1]: ln.split("  ", 1)[0] for ln in lines}
     assert set(listed) == {"ft-test/README.md", "ft-test/diffusers/config.json",
-                           "ft-test/diffusers/diffusion_pytorch_model.safetensors"}
+                           "ft-test/diffusers/diffusion_pytorch_model.safetensors",
+                           "ft-test/ldm/ft-test.safetensors"}
     for rel, digest in listed.items():
         assert hashlib.sha256((exported / rel).read_bytes()).hexdigest() == digest
     assert "PSNR" in (exported / "ft-test" / "README.md").read_text()
@@ -57,6 +58,8 @@ def test_export_half_precision(tmp_path, base_model):
     assert {t.dtype for t in tensors.values()} == {torch.float16}
     vae = autoencoder_class().from_pretrained(folder, torch_dtype=torch.float16)
     assert next(vae.parameters()).dtype == torch.float16
+    ldm = load_file(tmp_path / "e" / "h" / "ldm" / "h.safetensors")
+    assert {t.dtype for t in ldm.values()} == {torch.float16} and "decoder.up.0.block.0.conv1.weight" in ldm
 
 
 def test_publish_is_idempotent_and_never_overwrites(tmp_path, exported):
@@ -68,3 +71,15 @@ def test_publish_is_idempotent_and_never_overwrites(tmp_path, exported):
     (first.path / SUMS_FILE).write_text("tampered\n")
     with pytest.raises(PublishConflictError, match="refusing to overwrite"):
         publish_local(exported, tmp_path / "pub")
+
+
+def test_export_ldm_file_loads_with_diffusers_single_file(exported):
+    folder = exported / "ft-test" / "diffusers"
+    cls = autoencoder_class()
+    ours = cls.from_pretrained(folder)
+    # config= a local folder + local_files_only: diffusers' offline path (no hub config lookup).
+    theirs = cls.from_single_file(str(exported / "ft-test" / "ldm" / "ft-test.safetensors"),
+                                  config=str(folder), local_files_only=True)
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    for k, v in ours.state_dict().items():
+        assert torch.equal(v, theirs.state_dict()[k]), k

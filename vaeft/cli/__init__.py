@@ -12,8 +12,10 @@ import click
 import typer
 
 from vaeft.cli import augment as _augment  # noqa: F401  (registers commands)
+from vaeft.cli import model as _model  # noqa: F401
 from vaeft.cli import params as _params  # noqa: F401
 from vaeft.cli import stages as _stages  # noqa: F401
+from vaeft.cli import weights as _weights  # noqa: F401
 from vaeft.cli.common import app
 from vaeft.errors import VaeftError
 
@@ -22,7 +24,10 @@ __all__ = ["app", "main"]
 
 def main(argv: list[str] | None = None) -> None:
     try:
-        app(args=argv, standalone_mode=False)
+        # With standalone_mode=False click returns typer.Exit's code instead of raising it.
+        rc = app(args=argv, standalone_mode=False)
+        if isinstance(rc, int) and rc:
+            sys.exit(rc)
     except (VaeftError, FileNotFoundError) as err:
         typer.secho(f"error: {err}", fg="red", err=True)
         sys.exit(2)

@@ -50,7 +50,7 @@ def pretrain(
 @app.command()
 def train(
     phase: Annotated[str, typer.Argument(help="training phase: ema or mse (pretrain: see `vaeft pretrain`)")],
-    init: Annotated[Path, typer.Option(help="model to start from (diffusers folder)")],
+    init: Annotated[Path, typer.Option(help="model to start from (diffusers folder or LDM file)")],
     params: ParamsOpt = DEFAULT_PARAMS_FILE,
     data: Annotated[Path, typer.Option(help="curated data directory")] = Path("data/curated"),
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="output diffusers folder [models/ft-PHASE]")] = None,

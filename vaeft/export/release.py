@@ -1,9 +1,10 @@
-"""The ``export`` stage: one diffusers folder per fine-tuned model, plus ``SHA256SUMS``.
+"""The ``export`` stage: each fine-tuned model in both layouts, plus ``SHA256SUMS``.
 
 Layout::
 
     OUT/<model>/diffusers/config.json
     OUT/<model>/diffusers/diffusion_pytorch_model.safetensors
+    OUT/<model>/ldm/<model>.safetensors   LDM/CompVis layout (A1111, ComfyUI, original SD code)
     OUT/<model>/README.md          model card (with the eval table when given)
     OUT/SHA256SUMS                 sha256sum-compatible, every file above
     OUT/run_info.json
@@ -19,7 +20,7 @@ import torch
 from vaeft import atomic, provenance
 from vaeft.config import ExportParams
 from vaeft.console import banner, console
-from vaeft.model.io import load_autoencoder, save_diffusers
+from vaeft.model.io import load_autoencoder, save_diffusers, save_ldm
 from vaeft.train.checkpoint import file_digest
 
 SUMS_FILE = "SHA256SUMS"
@@ -47,6 +48,9 @@ def model_card(name: str, eval_table: str | None) -> str:
         "from diffusers import AutoencoderKL",
         f'vae = AutoencoderKL.from_pretrained("{name}/diffusers")',
         "```",
+        "",
+        f"`ldm/{name}.safetensors` holds the same weights in the original (CompVis/LDM) layout, for tools",
+        "that load single-file VAEs.",
         "",
     ]
     if eval_table:
@@ -89,7 +93,9 @@ def export_models(
     written: dict[str, Path] = {}
     with atomic.atomic_dir(out_dir) as tmp:
         for name, path in models.items():
-            save_diffusers(load_autoencoder(path, dtype=dtype), tmp / name / "diffusers")
+            vae = load_autoencoder(path, dtype=dtype)
+            save_diffusers(vae, tmp / name / "diffusers")
+            save_ldm(vae, tmp / name / "ldm" / f"{name}.safetensors")
             atomic.write_text(tmp / name / "README.md", model_card(name, table))
             written[name] = out_dir / name / "diffusers"
         # run_info holds a timestamp: keep it out of SHA256SUMS so identical models give identical sums.

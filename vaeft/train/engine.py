@@ -25,7 +25,7 @@ from vaeft.errors import VaeftError
 from vaeft.losses.reconstruction import ReconstructionLoss
 from vaeft.model.build import build_autoencoder
 from vaeft.model.freeze import configure_trainable
-from vaeft.model.io import load_autoencoder, save_diffusers
+from vaeft.model.io import load_with_architecture, save_diffusers
 from vaeft.train.checkpoint import CheckpointStore, fingerprint, tree_digest
 from vaeft.train.ema import Ema
 
@@ -90,7 +90,7 @@ def train_phase(
         vae = build_autoencoder(params.model.architecture)
         init_digest = "scratch"
     else:
-        vae = load_autoencoder(init)
+        vae = load_with_architecture(init, params.model.architecture)
         init_digest = tree_digest(init)
     vae.to(device)
     named = configure_trainable(vae, cfg.trainable)
@@ -212,7 +212,7 @@ def prepare_base(
         return train_phase("pretrain", params, data_dir, out_dir, None, log_file, state_root)
     banner("pretrain", f"model.base is set: importing {params.model.base} (no pretraining)")
     t0 = time.perf_counter()
-    vae = load_autoencoder(params.model.base)
+    vae = load_with_architecture(params.model.base, params.model.architecture)
     save_diffusers(vae, out_dir)
     provenance.write_run_info(out_dir, "pretrain", {"model": params.model}, imported_from=params.model.base)
     if log_file is not None:
