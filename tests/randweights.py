@@ -20,8 +20,10 @@ def write_random_backbone(store: Path, name: str, seed: int = 0) -> Path:
     import torchvision
 
     torch.manual_seed(seed)
-    arch = {"lpips-vgg": torchvision.models.vgg16, "lpips-alex": torchvision.models.alexnet}[name]
-    features = arch(weights=None).features
+    if name == "lpips-vgg":  # only the conv stack: the 120 M-parameter classifier is not needed
+        features = torchvision.models.vgg.make_layers(torchvision.models.vgg.cfgs["D"])
+    else:
+        features = torchvision.models.alexnet(weights=None).features
     path = store / registry()[name].filename
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({f"features.{k}": v for k, v in features.state_dict().items()}, path)

@@ -40,18 +40,13 @@ def normalize_features(f: torch.Tensor) -> torch.Tensor:
 
 
 def _load_backbone(net: torch.nn.Module, weights_file: Path, tv_name: str) -> None:
-    """Copy torchvision ``features.{i}.*`` tensors into lpips' ``slice{k}.{i}.*`` modules, strictly."""
-    ensure_torchvision()
-    import torchvision
+    """Copy torchvision ``features.{i}.*`` tensors into lpips' ``slice{k}.{i}.*`` modules, strictly.
 
+    lpips builds its slices from torchvision's own ``features`` modules, so a strict load of the
+    re-keyed tensors checks every name and shape: a wrong or truncated file fails loudly. The
+    file's classifier tensors are not needed.
+    """
     state = torch.load(weights_file, map_location="cpu", weights_only=True)
-    # The backbone's ``features`` load strictly first: a wrong or truncated file fails here,
-    # loudly. The classifier keys of the torchvision file are not needed and not checked.
-    features = getattr(torchvision.models, tv_name)(weights=None).features
-    try:
-        features.load_state_dict({k.removeprefix("features."): v for k, v in state.items() if k.startswith("features.")})
-    except RuntimeError as err:
-        raise BackboneWeightsError(f"{weights_file}: not a torchvision {tv_name} state dict ({str(err).splitlines()[0]})") from None
     mapped = {}
     for slice_name, slice_mod in net.named_children():
         for idx, _ in slice_mod.named_children():
@@ -59,7 +54,11 @@ def _load_backbone(net: torch.nn.Module, weights_file: Path, tv_name: str) -> No
                 src = f"features.{idx}.{key}"
                 if src in state:
                     mapped[f"{slice_name}.{idx}.{key}"] = state[src]
-    net.load_state_dict(mapped, strict=True)
+    try:
+        net.load_state_dict(mapped, strict=True)
+    except RuntimeError as err:
+        raise BackboneWeightsError(
+            f"{weights_file}: not a torchvision {tv_name} state dict ({str(err).splitlines()[0]})") from None
 
 
 @dataclass
