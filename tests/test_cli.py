@@ -19,7 +19,8 @@ from vaeft.data.manifest import read_manifest
 runner = CliRunner()
 
 COMMANDS = [[], ["curate"], ["pretrain"], ["train"], ["evaluate"], ["export"], ["publish"],
-            ["params"], ["params", "check"], ["params", "show"], ["recipe"], ["recipe", "list"], ["recipe", "apply"]]
+            ["params"], ["params", "check"], ["params", "show"], ["recipe"], ["recipe", "list"], ["recipe", "apply"],
+            ["metrics"], ["data"], ["data", "coco-val"], ["data", "prepare"]]
 
 
 @pytest.mark.parametrize("cmd", COMMANDS, ids=lambda c: " ".join(c) or "vaeft")

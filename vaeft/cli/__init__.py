@@ -13,6 +13,7 @@ import typer
 
 from vaeft.cli import params as _params  # noqa: F401  (registers commands)
 from vaeft.cli import stages as _stages  # noqa: F401
+from vaeft.cli import evaluate as _evaluate  # noqa: F401, I001  (after stages: help order)
 from vaeft.cli.common import app
 from vaeft.errors import VaeftError
 
