@@ -20,7 +20,8 @@ runner = CliRunner()
 
 COMMANDS = [[], ["curate"], ["pretrain"], ["train"], ["evaluate"], ["export"], ["publish"], ["augment"], ["augment", "preview"],
             ["params"], ["params", "check"], ["params", "show"], ["recipe"], ["recipe", "list"], ["recipe", "apply"],
-            ["convert"], ["check-fp16"], ["weights"], ["weights", "pull"], ["weights", "list"], ["weights", "add"]]
+            ["convert"], ["check-fp16"], ["weights"], ["weights", "pull"], ["weights", "list"], ["weights", "add"],
+            ["metrics"], ["data"], ["data", "coco-val"], ["data", "prepare"]]
 
 
 @pytest.mark.parametrize("cmd", COMMANDS, ids=lambda c: " ".join(c) or "vaeft")

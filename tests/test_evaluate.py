@@ -49,7 +49,8 @@ def test_resize_center_crop_shorter_side():
     assert out.size == (64, 64)
 
 
-def test_evaluate_writes_metrics_table_csv_and_grid(tmp_path, curated, base_model, tiny_params):
+def test_evaluate_writes_metrics_table_csv_and_grid(tmp_path, curated, base_model, tiny_params, monkeypatch):
+    monkeypatch.setenv("VAEFT_WEIGHTS_DIR", str(tmp_path / "no-weights"))
     result = evaluate_models(tiny_params.evaluate, curated, {"original": base_model, "again": base_model},
                              tmp_path / "metrics.json", tmp_path / "report", {"again": 6})
     metrics = json.loads((tmp_path / "metrics.json").read_text())
@@ -59,12 +60,20 @@ def test_evaluate_writes_metrics_table_csv_and_grid(tmp_path, curated, base_mode
     n = metrics["original"]["n_images"]
     table = (tmp_path / "report" / TABLE_FILE).read_text().splitlines()
     assert table[0] == "| Model | train steps | rFID | PSNR | SSIM | PSIM/LPIPS |"
-    assert table[2].startswith("| original | — | n/a | ") and table[3].startswith("| again | 6 | n/a | ")
-    assert "±" in table[2] and "centre crop 32x32" in "\n".join(table)
+    # No LPIPS/Inception weights in the test weight store: those columns say why and how to fix.
+    assert table[2].startswith("| original | — | n/a (weights 'fid-inception' not in the weight store")
+    assert table[3].startswith("| again | 6 | n/a (")
+    assert "`vaeft weights pull fid-inception`" in table[2] and "`vaeft weights pull lpips-vgg`" in table[2]
+    assert table[2].count("±") == 2 and "centre crop 32x32" in "\n".join(table)
+    assert set(metrics["original"]["unavailable"]) == {"lpips_vgg", "lpips_alex", "psim_candidate", "rfid"}
+    assert 0 < metrics["original"]["ssim_mean"] <= 1 and "saturation_ratio_mean" in metrics["original"]
     rows = list(csv.DictReader((tmp_path / "report" / PER_IMAGE_FILE).open()))
-    assert len(rows) == n and set(rows[0]) == {"image", "location", "psnr_original", "psnr_again"}
+    assert len(rows) == n
+    assert {"image", "location", "psnr_original", "psnr_again", "ssim_original", "shift_r_again"} <= set(rows[0])
+    # Per-image CSV and summary agree.
+    assert np.mean([float(r["ssim_original"]) for r in rows]) == pytest.approx(metrics["original"]["ssim_mean"], abs=1e-5)
     grid = Image.open(tmp_path / "report" / GRID_FILE)
-    assert grid.size == (32 * 3, 14 + 32 * min(4, n))
+    assert grid.size == (32 * 3, 14 + 2 * 32 * min(4, n))
     assert result.metrics == metrics
 
 

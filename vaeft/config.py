@@ -210,6 +210,15 @@ class TrainParams(_Strict):
 class EvaluateParams(_Strict):
     image_size: PositiveInt = 64
     batch_size: PositiveInt = 8
+    # Metrics that need weights from the weight store; missing weights make them "n/a (reason)"
+    # unless require_weights is set (release evaluations should set it).
+    lpips_nets: list[Literal["vgg", "alex"]] = Field(default_factory=lambda: ["vgg", "alex"])
+    psim: bool = True  # the PSIM *candidate* (REFERENCE §4), on the LPIPS-VGG backbone
+    fid: bool = True
+    require_weights: bool = False
+    grid_rows: NonNegativeInt = 4
+    # Decode under bf16 autocast on CUDA only (the CPU path stays fp32); metrics are always fp32.
+    bf16_autocast: bool = True
 
 
 class ExportParams(_Strict):

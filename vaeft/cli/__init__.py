@@ -15,6 +15,7 @@ from vaeft.cli import augment as _augment  # noqa: F401  (registers commands)
 from vaeft.cli import model as _model  # noqa: F401
 from vaeft.cli import params as _params  # noqa: F401
 from vaeft.cli import stages as _stages  # noqa: F401
+from vaeft.cli import evaluate as _evaluate  # noqa: F401, I001  (after stages: help order)
 from vaeft.cli import weights as _weights  # noqa: F401
 from vaeft.cli.common import app
 from vaeft.errors import VaeftError

@@ -1,19 +1,34 @@
 """Eval images: shorter-side Lanczos resize to the eval size, then a centre crop.
 
 The published tables used COCO 2017 val at 256x256 without stating the resize/crop protocol;
-this one is written into every evaluation's metadata.
+this one is written into every evaluation's metadata and into every prepared eval set.
+
+An eval set is either a curated directory (its manifest's eval split) or a plain folder of
+images, e.g. one written by :func:`prepare_eval_set`. Images are read batch by batch.
 """
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from vaeft.data.manifest import ManifestRow, read_manifest
+from vaeft import atomic
+from vaeft.console import progress
+from vaeft.data.embedded import IMAGE_SUFFIXES
+from vaeft.data.manifest import MANIFEST_FILE, ManifestRow, read_manifest
+from vaeft.errors import VaeftError
 
 PROTOCOL = "shorter-side resize (Lanczos, antialiased) to {size}, centre crop {size}x{size}, uint8 RGB"
+PREPARED_META = "evalset.json"
+
+
+class EvalSetError(VaeftError, ValueError):
+    pass
 
 
 def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
@@ -26,11 +41,88 @@ def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
     return img.crop((left, top, left + size, top + size))
 
 
+@dataclass(frozen=True)
+class EvalItem:
+    key: str  # stable id for the per-image CSV
+    location: str
+    path: Path
+
+
+def image_files(folder: str | Path) -> list[Path]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise EvalSetError(f"{folder}: not a directory")
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def eval_items(data_dir: str | Path) -> list[EvalItem]:
+    """A curated directory's eval split, or every image of a plain (e.g. prepared) folder."""
+    data_dir = Path(data_dir)
+    if (data_dir / MANIFEST_FILE).exists():
+        rows = read_manifest(data_dir, split="eval")
+        items = [EvalItem(r.sha256[:16], r.location, data_dir / r.stored_path) for r in rows]
+        if not items:
+            raise EvalSetError(f"{data_dir}: the manifest has no eval images")
+        return items
+    files = image_files(data_dir)
+    if not files:
+        raise EvalSetError(f"{data_dir}: no manifest and no images")
+    return [EvalItem(p.stem, p.name, p) for p in files]
+
+
+def load_eval_image(path: Path, size: int) -> np.ndarray:
+    with Image.open(path) as img:
+        return np.asarray(resize_center_crop(img.convert("RGB"), size))
+
+
+def iter_batches(items: list[EvalItem], size: int, batch_size: int) -> Iterator[tuple[list[EvalItem], np.ndarray]]:
+    """(items, uint8 B x size x size x 3) batches, read lazily."""
+    for i in range(0, len(items), batch_size):
+        chunk = items[i : i + batch_size]
+        yield chunk, np.stack([load_eval_image(it.path, size) for it in chunk])
+
+
 def eval_images(data_dir: str | Path, size: int) -> tuple[list[ManifestRow], np.ndarray]:
-    """The eval split as (rows, uint8 array N x size x size x 3)."""
+    """The eval split as (rows, uint8 array N x size x size x 3), all in memory (small sets only)."""
     data_dir = Path(data_dir)
     rows = read_manifest(data_dir, split="eval")
     if not rows:
         raise ValueError(f"{data_dir}: the manifest has no eval images")
-    arrays = [np.asarray(resize_center_crop(Image.open(data_dir / r.stored_path).convert("RGB"), size)) for r in rows]
-    return rows, np.stack(arrays)
+    return rows, np.stack([load_eval_image(data_dir / r.stored_path, size) for r in rows])
+
+
+@dataclass(frozen=True)
+class PreparedSet:
+    out_dir: Path
+    n_images: int
+    metadata_file: Path
+
+
+def prepare_eval_set(src_dir: str | Path, out_dir: str | Path, size: int = 256) -> PreparedSet:
+    """Resize + centre-crop every image of ``src_dir`` into ``out_dir`` as PNG, with the protocol
+    and per-image source hashes in ``evalset.json``. Lossless output: the eval set must not add
+    its own compression artefacts to what the autoencoders are scored on."""
+    src_dir, out_dir = Path(src_dir), Path(out_dir)
+    files = image_files(src_dir)
+    if not files:
+        raise EvalSetError(f"{src_dir}: no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    stems = [p.stem for p in files]
+    dupes = sorted({s for s in stems if stems.count(s) > 1})
+    if dupes:
+        raise EvalSetError(f"{src_dir}: several files share a name stem: {', '.join(dupes[:5])}")
+    entries = []
+    with atomic.atomic_dir(out_dir) as tmp, progress() as bar:
+        task = bar.add_task("prepare", total=len(files), info=str(src_dir))
+        for p in files:
+            data = p.read_bytes()
+            with Image.open(p) as img:
+                w, h = img.size
+                resize_center_crop(img.convert("RGB"), size).save(tmp / f"{p.stem}.png")
+            entries.append({"file": f"{p.stem}.png", "source": p.name, "sha256": hashlib.sha256(data).hexdigest(),
+                            "source_size": [w, h]})
+            bar.update(task, advance=1)
+        atomic.write_json(tmp / PREPARED_META, {
+            "protocol": PROTOCOL.format(size=size), "size": size, "source_dir": str(src_dir),
+            "n_images": len(entries), "images": entries,
+        })
+    return PreparedSet(out_dir, len(entries), out_dir / PREPARED_META)

@@ -2,10 +2,14 @@
 
 Outputs: a metrics JSON keyed by model (DVC metrics), and in the report directory a markdown
 table in the model cards' format, a per-image CSV and a comparison grid PNG.
+
+Images are streamed in batches: per model, each batch is read, reconstructed, scored and
+dropped; only per-image scalars, running FID sums and the few grid rows are kept.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import math
@@ -19,8 +23,12 @@ from PIL import Image, ImageDraw
 from vaeft import atomic, provenance
 from vaeft.config import EvaluateParams
 from vaeft.console import banner, console, progress
-from vaeft.evaluate.evalset import PROTOCOL, eval_images
-from vaeft.evaluate.metrics import mean_std, psnr
+from vaeft.evaluate.availability import Unavailable
+from vaeft.evaluate.evalset import PROTOCOL, eval_items, iter_batches
+from vaeft.evaluate.fid import RunningStats
+from vaeft.evaluate.metrics import json_safe
+from vaeft.evaluate.perceptual import PSIM_DEFINITION, PSIM_LABEL
+from vaeft.evaluate.suite import NOTES, Accumulator, MetricOptions, PairMetrics, Summary
 from vaeft.model.io import load_autoencoder
 from vaeft.train.engine import pick_device
 
@@ -33,56 +41,131 @@ GRID_FILE = "comparison_grid.png"
 class EvalResult:
     metrics_file: Path
     report_dir: Path
-    metrics: dict[str, dict[str, float]]
+    metrics: dict[str, dict]
+
+
+def _autocast(device: torch.device, bf16: bool):
+    # bf16 only on CUDA: the reconstruction is rounded to uint8 anyway, and CPU bf16 is slow.
+    if bf16 and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 @torch.no_grad()
-def reconstruct(model_path: str | Path, images: np.ndarray, batch_size: int) -> np.ndarray:
+def reconstruct_batch(vae, images: np.ndarray, device: torch.device, bf16: bool = False) -> np.ndarray:
     """uint8 NHWC -> reconstructed uint8 NHWC, decoding the posterior mean (deterministic)."""
-    device = pick_device()
-    vae = load_autoencoder(model_path).to(device)
-    out = []
-    for i in range(0, len(images), batch_size):
-        x = torch.from_numpy(images[i : i + batch_size]).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    x = torch.from_numpy(np.ascontiguousarray(images)).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    with _autocast(device, bf16):
         x_hat = vae.decode(vae.encode(x).latent_dist.mode()).sample
-        u8 = ((x_hat.clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
-        out.append(u8.permute(0, 2, 3, 1).cpu().numpy())
-    return np.concatenate(out)
+    u8 = ((x_hat.float().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
+    return u8.permute(0, 2, 3, 1).cpu().numpy()
 
 
-def _fmt(mean: float, std: float) -> str:
-    return f"{mean:.2f} ± {std:.2f}" if math.isfinite(mean) else "n/a"
+@torch.no_grad()
+def reconstruct(model_path: str | Path, images: np.ndarray, batch_size: int, bf16: bool = False) -> np.ndarray:
+    """All of ``images`` reconstructed (small sets only; the stage itself streams)."""
+    device = pick_device()
+    vae = load_autoencoder(model_path).to(device).eval()
+    return np.concatenate([reconstruct_batch(vae, images[i : i + batch_size], device, bf16)
+                           for i in range(0, len(images), batch_size)])
 
 
-def markdown_table(metrics: dict[str, dict[str, float]], train_steps: dict[str, int | None], protocol: str) -> str:
+# ----------------------------------------------------------------------------------------- table
+
+
+def _pm(values: dict, key: str, digits: int) -> str | None:
+    mean, std = values.get(f"{key}_mean"), values.get(f"{key}_std")
+    if mean is None or not math.isfinite(mean):
+        return None
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def _na(unavailable: dict[str, dict], key: str) -> str:
+    u = unavailable.get(key)
+    if u is None:
+        return "n/a (not computed)"
+    return f"n/a ({u['reason']}; `{u['fetch']}`)" if u.get("fetch") else f"n/a ({u['reason']})"
+
+
+def _cell(m: dict, key: str, digits: int) -> str:
+    return _pm(m, key, digits) or _na(m.get("unavailable", {}), key)
+
+
+def markdown_table(metrics: dict[str, dict], train_steps: dict[str, int | None], protocol: str) -> str:
+    """The model cards' table (mean ± std), then a colour/perceptual detail table and notes."""
     lines = [
         "| Model | train steps | rFID | PSNR | SSIM | PSIM/LPIPS |",
         "|---|---|---|---|---|---|",
     ]
     for name, m in metrics.items():
         steps = train_steps.get(name)
-        lines.append(
-            f"| {name} | {steps if steps is not None else '—'} | n/a | {_fmt(m['psnr_mean'], m['psnr_std'])} | n/a | n/a |"
-        )
-    lines.append("")
-    lines.append(f"Eval set: {next(iter(metrics.values()))['n_images']} images; {protocol}. "
-                 "n/a: metric not computed by this version (SSIM, LPIPS/PSIM and rFID arrive with the evaluation issue).")
+        rfid = f"{m['rfid']:.2f}" if isinstance(m.get("rfid"), float) else _na(m.get("unavailable", {}), "rfid")
+        perceptual = [f"PSIM-candidate {v}" for v in [_pm(m, PSIM_LABEL, 3)] if v]
+        perceptual += [f"LPIPS-VGG {v}" for v in [_pm(m, "lpips_vgg", 3)] if v]
+        perceptual += [f"LPIPS-Alex {v}" for v in [_pm(m, "lpips_alex", 3)] if v]
+        if not perceptual:
+            perceptual = [_na(m.get("unavailable", {}), next(
+                (k for k in (PSIM_LABEL, "lpips_vgg", "lpips_alex") if k in m.get("unavailable", {})), PSIM_LABEL))]
+        lines.append(f"| {name} | {steps if steps is not None else '—'} | {rfid} | {_cell(m, 'psnr', 2)} | "
+                     f"{_cell(m, 'ssim', 3)} | {' / '.join(perceptual)} |")
+    lines += ["", "| Model | mean shift R / G / B (0-255) | saturation ratio |", "|---|---|---|"]
+    for name, m in metrics.items():
+        shifts = " / ".join(_pm(m, f"shift_{c}", 2) or "n/a" for c in "rgb")
+        lines.append(f"| {name} | {shifts} | {_cell(m, 'saturation_ratio', 3)} |")
+    n = next(iter(metrics.values()))["n_images"]
+    lines += ["", f"Eval set: {n} images; {protocol}. Per image, then mean ± std over images.",
+              f"PSIM-candidate: {PSIM_DEFINITION}. LPIPS: the lpips package (v0.1 linear weights).",
+              f"rFID: {NOTES['rfid']}."]
     return "\n".join(lines) + "\n"
 
 
-def comparison_grid(originals: np.ndarray, recons: dict[str, np.ndarray], max_rows: int = 4) -> Image.Image:
-    """Rows of images; columns: the input, then each model's reconstruction. Labels on top."""
+# ----------------------------------------------------------------------------------------- grid
+
+
+def _detail_box(img: np.ndarray, crop: int) -> tuple[int, int]:
+    """Top-left of the crop x crop window with the most detail (gradient energy) in ``img``."""
+    g = img.astype(np.float32).mean(axis=2)
+    energy = np.abs(np.diff(g, axis=0))[:, :-1] + np.abs(np.diff(g, axis=1))[:-1, :]
+    ii = np.pad(energy, ((1, 0), (1, 0))).cumsum(0).cumsum(1)
+    h, w = energy.shape
+    if h < crop or w < crop:
+        return 0, 0
+    sums = ii[crop:, crop:] - ii[:-crop, crop:] - ii[crop:, :-crop] + ii[:-crop, :-crop]
+    y, x = np.unravel_index(np.argmax(sums), sums.shape)
+    return int(y), int(x)
+
+
+def comparison_grid(originals: np.ndarray, recons: dict[str, np.ndarray], max_rows: int = 4,
+                    zoom: int = 4) -> Image.Image:
+    """Columns: original, then each model. Per image two rows: the full image, then a x``zoom``
+    nearest-neighbour crop of its most detailed region (outlined on the original)."""
     n = min(max_rows, len(originals))
     size = originals.shape[1]
-    columns = [("input", originals), *recons.items()]
+    crop = max(1, size // zoom)
+    columns = [("original", originals), *recons.items()]
     label_h = 14
-    grid = Image.new("RGB", (size * len(columns), label_h + size * n), (255, 255, 255))
+    grid = Image.new("RGB", (size * len(columns), label_h + 2 * size * n), (255, 255, 255))
     draw = ImageDraw.Draw(grid)
     for c, (label, images) in enumerate(columns):
         draw.text((c * size + 2, 1), label, fill=(0, 0, 0))
-        for r in range(n):
-            grid.paste(Image.fromarray(images[r]), (c * size, label_h + r * size))
+    for r in range(n):
+        y0, x0 = _detail_box(originals[r], crop)
+        for c, (_, images) in enumerate(columns):
+            top = label_h + 2 * r * size
+            grid.paste(Image.fromarray(images[r]), (c * size, top))
+            patch = Image.fromarray(images[r][y0 : y0 + crop, x0 : x0 + crop]).resize((size, size), Image.NEAREST)
+            grid.paste(patch, (c * size, top + size))
+        draw.rectangle((x0, label_h + 2 * r * size + y0, x0 + crop - 1, label_h + 2 * r * size + y0 + crop - 1),
+                       outline=(255, 0, 0))
     return grid
+
+
+# ----------------------------------------------------------------------------------------- stage
+
+
+def metric_options(params: EvaluateParams) -> MetricOptions:
+    return MetricOptions(lpips_nets=tuple(params.lpips_nets), psim=params.psim, fid=params.fid,
+                         require_weights=params.require_weights)
 
 
 def evaluate_models(
@@ -96,34 +179,62 @@ def evaluate_models(
     if not models:
         raise ValueError("evaluate needs at least one model (NAME=PATH)")
     metrics_file, report_dir = Path(metrics_file), Path(report_dir)
+    protocol = PROTOCOL.format(size=params.image_size)
     banner("evaluate", f"{len(models)} models -> {metrics_file}, {report_dir}")
-    rows, originals = eval_images(data_dir, params.image_size)
-    console.print(f"eval set: {len(rows)} images, {PROTOCOL.format(size=params.image_size)}")
-    recons: dict[str, np.ndarray] = {}
-    per_image: dict[str, np.ndarray] = {}
-    metrics: dict[str, dict[str, float]] = {}
+    items = eval_items(data_dir)
+    console.print(f"eval set: {len(items)} images, {protocol}")
+    device = pick_device()
+    pair = PairMetrics(metric_options(params), device)
+    for key, u in pair.unavailable.items():
+        console.print(f"  [yellow]{key}: unavailable ({u.describe()})[/]")
+    ref_stats = RunningStats()
+    grid_orig: list[np.ndarray] = []
+    grid_recons: dict[str, list[np.ndarray]] = {}
+    summaries: dict[str, Summary] = {}
+    per_image: dict[str, dict[str, np.ndarray]] = {}
     with progress() as bar:
-        task = bar.add_task("evaluate", total=len(models), info="")
-        for name, path in models.items():
+        task = bar.add_task("evaluate", total=len(models) * len(items), info="")
+        for m_idx, (name, path) in enumerate(models.items()):
             bar.update(task, info=name)
-            recons[name] = reconstruct(path, originals, params.batch_size)
-            per_image[name] = psnr(originals, recons[name])
-            mean, std = mean_std(per_image[name])
-            metrics[name] = {"psnr_mean": mean, "psnr_std": std, "n_images": len(rows)}
-            bar.update(task, advance=1)
+            vae = load_autoencoder(path).to(device).eval()
+            acc = Accumulator(pair.per_image_names)
+            grid_recons[name] = []
+            seen = 0
+            for _, batch in iter_batches(items, params.image_size, params.batch_size):
+                recon = reconstruct_batch(vae, batch, device, params.bf16_autocast)
+                acc.add(pair.per_image(batch, recon), pair.features(recon))
+                if m_idx == 0:
+                    f = pair.features(batch)
+                    if f is not None:
+                        ref_stats.update(f)
+                    grid_orig.extend(batch[: max(0, params.grid_rows - seen)])
+                grid_recons[name].extend(recon[: max(0, params.grid_rows - seen)])
+                seen += len(batch)
+                bar.update(task, advance=len(batch))
+            del vae
+            summaries[name] = acc.summary(pair, ref_stats if pair.inception is not None else None)
+            per_image[name] = acc.arrays()
+    metrics = {name: json_safe(s.as_dict()) for name, s in summaries.items()}
     atomic.write_json(metrics_file, metrics)
     with atomic.atomic_dir(report_dir) as tmp:
-        atomic.write_text(tmp / TABLE_FILE, markdown_table(metrics, train_steps or {}, PROTOCOL.format(size=params.image_size)))
-        buf = io.StringIO()
-        w = csv.writer(buf, lineterminator="\n")
-        w.writerow(["image", "location", *[f"psnr_{n}" for n in models]])
-        for i, r in enumerate(rows):
-            w.writerow([r.sha256[:16], r.location, *[f"{per_image[n][i]:.4f}" for n in models]])
-        atomic.write_text(tmp / PER_IMAGE_FILE, buf.getvalue())
-        comparison_grid(originals, recons).save(tmp / GRID_FILE)
+        atomic.write_text(tmp / TABLE_FILE, markdown_table(metrics, train_steps or {}, protocol))
+        atomic.write_text(tmp / PER_IMAGE_FILE, _per_image_csv(items, per_image, pair.per_image_names))
+        if params.grid_rows and grid_orig:
+            comparison_grid(np.stack(grid_orig), {k: np.stack(v) for k, v in grid_recons.items()},
+                            params.grid_rows).save(tmp / GRID_FILE)
         provenance.write_run_info(tmp, "evaluate", {"evaluate": params},
-                                  models={k: str(v) for k, v in models.items()},
-                                  protocol=PROTOCOL.format(size=params.image_size))
+                                  models={k: str(v) for k, v in models.items()}, protocol=protocol,
+                                  notes=NOTES, device=str(device),
+                                  unavailable={k: Unavailable.as_dict(v) for k, v in pair.unavailable.items()})
     for name, m in metrics.items():
-        console.print(f"  {name:>10}: PSNR {_fmt(m['psnr_mean'], m['psnr_std'])} dB")
+        console.print(f"  {name:>10}: PSNR {_cell(m, 'psnr', 2)} dB, SSIM {_cell(m, 'ssim', 3)}")
     return EvalResult(metrics_file, report_dir, metrics)
+
+
+def _per_image_csv(items, per_image: dict[str, dict[str, np.ndarray]], names: list[str]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["image", "location", *[f"{metric}_{model}" for metric in names for model in per_image]])
+    for i, it in enumerate(items):
+        w.writerow([it.key, it.location, *[f"{per_image[model][metric][i]:.6g}" for metric in names for model in per_image]])
+    return buf.getvalue()

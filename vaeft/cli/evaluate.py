@@ -1,0 +1,67 @@
+"""``vaeft metrics`` (folder vs folder) and ``vaeft data`` (eval sets: COCO val, prepare)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from vaeft.cli.common import UsageError, app, require
+
+data_app = typer.Typer(help="Evaluation sets: download COCO 2017 val, prepare a 256x256 set.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+@app.command()
+def metrics(
+    ref: Annotated[Path, typer.Option("--ref", help="folder of reference (original) images")],
+    test: Annotated[Path, typer.Option("--test", help="folder of same-named test (reconstructed) images")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="metrics JSON to write")],
+    lpips: Annotated[Optional[list[str]], typer.Option("--lpips", help="LPIPS net: vgg, alex (repeatable) [both]")] = None,
+    no_fid: Annotated[bool, typer.Option("--no-fid", help="skip rFID")] = False,
+    no_psim: Annotated[bool, typer.Option("--no-psim", help="skip the PSIM candidate")] = False,
+    batch_size: Annotated[int, typer.Option(min=1, help="images per batch")] = 8,
+    require_weights: Annotated[bool, typer.Option(help="fail when a metric's weights are missing")] = False,
+) -> None:
+    """All image-pair metrics between two folders of same-named images (no model needed)."""
+    from vaeft.evaluate.pairs import run_folder_metrics
+    from vaeft.evaluate.perceptual import LPIPS_NETS
+    from vaeft.evaluate.suite import MetricOptions
+
+    nets = tuple(lpips) if lpips else tuple(LPIPS_NETS)
+    bad = [n for n in nets if n not in LPIPS_NETS]
+    if bad:
+        raise UsageError(f"--lpips: unknown net {bad[0]!r} (expected one of {', '.join(LPIPS_NETS)})")
+    options = MetricOptions(lpips_nets=nets, psim=not no_psim, fid=not no_fid, require_weights=require_weights)
+    run_folder_metrics(require(ref, "--ref folder"), require(test, "--test folder"), out, options, batch_size)
+    typer.echo(str(out))
+
+
+@data_app.command("coco-val")
+def coco_val(
+    out: Annotated[Path, typer.Option("--out", "-o", help="download directory")] = Path("data/coco"),
+    url: Annotated[str, typer.Option(help="archive URL (a mirror); checksums still apply")] = "",
+    md5: Annotated[Optional[str], typer.Option(help="expected MD5 [the published val2017.zip MD5]")] = None,
+) -> None:
+    """Download COCO 2017 val (val2017.zip, 5000 images), verify its checksum, extract it."""
+    from vaeft.evaluate.download import COCO_VAL_MD5, COCO_VAL_SIZE, COCO_VAL_URL, download_coco_val
+
+    custom = bool(url) and url != COCO_VAL_URL
+    result = download_coco_val(out, url or COCO_VAL_URL, md5 or COCO_VAL_MD5,
+                               # A mirror may serve the same bytes; only the pinned MD5 decides.
+                               size=None if custom else COCO_VAL_SIZE)
+    typer.echo(f"{result.images_dir} ({result.n_images} images, md5 {result.md5}, sha256 {result.sha256})")
+
+
+@data_app.command("prepare")
+def prepare(
+    src: Annotated[Path, typer.Argument(help="folder of source images")],
+    out: Annotated[Path, typer.Argument(help="output folder (PNG + evalset.json)")],
+    size: Annotated[int, typer.Option(min=8, help="output side length")] = 256,
+) -> None:
+    """Shorter-side Lanczos resize + centre crop to SIZE x SIZE; protocol in evalset.json."""
+    from vaeft.evaluate.evalset import prepare_eval_set
+
+    result = prepare_eval_set(require(src, "source folder"), out, size)
+    typer.echo(f"{result.out_dir} ({result.n_images} images)")

@@ -1,0 +1,99 @@
+"""LPIPS (VGG, AlexNet) and the PSIM *candidate*, on backbones loaded from the weight store.
+
+The ``lpips`` package would download its torchvision backbone at construction; here it is built
+with a random backbone (``pnet_rand=True``, no download) and the ImageNet weights are then loaded
+from the weight store into the slices lpips cut out of torchvision's ``features``. If that file is
+missing the metric is unavailable: a number from a random backbone is never reported.
+
+PSIM is undefined in public sources (REFERENCE §4). ``psim_candidate`` is our reading: the sum
+over the five VGG16 layers of the spatially averaged, channel-summed squared difference of
+unit-normalised features, without LPIPS's learned linear weights (lpips' "baseline" mode).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from vaeft.compat.torchvision_cpu import ensure_torchvision
+from vaeft.errors import VaeftError
+
+LPIPS_NETS = {"vgg": "lpips-vgg", "alex": "lpips-alex"}
+PSIM_LABEL = "psim_candidate"
+PSIM_DEFINITION = (
+    "PSIM candidate (not the model cards' undefined PSIM): sum over VGG16 relu1_2..relu5_3 of the "
+    "spatial mean of sum_c (f/|f| - g/|g|)^2, unit-normalised features, no learned weights"
+)
+# Inside the sqrt: keeps the normalisation finite (and differentiable) for all-zero feature
+# vectors, which ReLU features of flat regions do produce.
+NORM_EPS = 1e-10
+
+
+class BackboneWeightsError(VaeftError):
+    pass
+
+
+def normalize_features(f: torch.Tensor) -> torch.Tensor:
+    return f * torch.rsqrt(f.square().sum(dim=1, keepdim=True) + NORM_EPS)
+
+
+def _load_backbone(net: torch.nn.Module, weights_file: Path, tv_name: str) -> None:
+    """Copy torchvision ``features.{i}.*`` tensors into lpips' ``slice{k}.{i}.*`` modules, strictly.
+
+    lpips builds its slices from torchvision's own ``features`` modules, so a strict load of the
+    re-keyed tensors checks every name and shape: a wrong or truncated file fails loudly. The
+    file's classifier tensors are not needed.
+    """
+    state = torch.load(weights_file, map_location="cpu", weights_only=True)
+    mapped = {}
+    for slice_name, slice_mod in net.named_children():
+        for idx, _ in slice_mod.named_children():
+            for key in ("weight", "bias"):
+                src = f"features.{idx}.{key}"
+                if src in state:
+                    mapped[f"{slice_name}.{idx}.{key}"] = state[src]
+    try:
+        net.load_state_dict(mapped, strict=True)
+    except RuntimeError as err:
+        raise BackboneWeightsError(
+            f"{weights_file}: not a torchvision {tv_name} state dict ({str(err).splitlines()[0]})") from None
+
+
+@dataclass
+class PerceptualResult:
+    lpips: torch.Tensor  # N
+    psim_candidate: torch.Tensor | None  # N, VGG only
+
+
+class Perceptual(torch.nn.Module):
+    """One lpips network with ImageNet backbone weights from ``weights_file``."""
+
+    def __init__(self, net: str, weights_file: str | Path) -> None:
+        super().__init__()
+        if net not in LPIPS_NETS:
+            raise ValueError(f"unknown LPIPS net {net!r} (expected one of {', '.join(LPIPS_NETS)})")
+        ensure_torchvision()
+        import lpips
+
+        self.net_name = net
+        self.model = lpips.LPIPS(pretrained=True, net=net, pnet_rand=True, verbose=False).eval()
+        _load_backbone(self.model.net, Path(weights_file), {"vgg": "vgg16", "alex": "alexnet"}[net])
+        self.model.requires_grad_(False)
+
+    @torch.no_grad()
+    def forward(self, ref: torch.Tensor, test: torch.Tensor) -> PerceptualResult:
+        """Per-image LPIPS (and for VGG the PSIM candidate) of uint8 N x 3 x H x W images, fp32."""
+        m = self.model
+        x0 = m.scaling_layer(ref.float() / 127.5 - 1.0)
+        x1 = m.scaling_layer(test.float() / 127.5 - 1.0)
+        with torch.autocast(device_type=x0.device.type, enabled=False):
+            f0, f1 = m.net(x0), m.net(x1)
+            lp = x0.new_zeros(x0.shape[0])
+            ps = x0.new_zeros(x0.shape[0])
+            for k in range(m.L):
+                d = (normalize_features(f0[k]) - normalize_features(f1[k])).square()
+                lp = lp + m.lins[k](d).mean(dim=(1, 2, 3))
+                ps = ps + d.sum(dim=1).mean(dim=(1, 2))
+        return PerceptualResult(lpips=lp, psim_candidate=ps if self.net_name == "vgg" else None)
