@@ -10,7 +10,6 @@ Output directory layout::
 
 from __future__ import annotations
 
-import hashlib
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from vaeft.data.embedded import IMAGE_SUFFIXES, embedded_image_files
 from vaeft.data.images import ImageLimits, ImageRejected, load_rgb
 from vaeft.data.manifest import MANIFEST_FILE, ManifestRow, write_manifest
 from vaeft.errors import VaeftError
+from vaeft.hashing import file_sha256
 
 REPORT_FILE = "curation_report.json"
 
@@ -59,14 +59,6 @@ def source_files(source: SourceParams) -> list[tuple[str, Path]]:
     return [(str(Path(source.path or "") / rel), root / rel) for rel in found]
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def curate(params: DataParams, out_dir: str | Path) -> CurateResult:
     """Validate and normalise every image of every source, then write manifest and report."""
     out_dir = Path(out_dir)
@@ -85,7 +77,7 @@ def curate(params: DataParams, out_dir: str | Path) -> CurateResult:
             for source, location, path in files:
                 bar.update(task, advance=1, info=path.name)
                 try:
-                    sha = _sha256(path)
+                    sha = file_sha256(path)
                 except OSError as exc:
                     rejected.append({"location": location, "source": source.name, "reason": "unreadable", "detail": str(exc)})
                     continue

@@ -21,7 +21,7 @@ from vaeft import atomic, provenance
 from vaeft.config import ExportParams
 from vaeft.console import banner, console
 from vaeft.model.io import load_autoencoder, save_diffusers, save_ldm
-from vaeft.train.checkpoint import file_digest
+from vaeft.hashing import file_sha256
 
 SUMS_FILE = "SHA256SUMS"
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -60,7 +60,7 @@ def model_card(name: str, eval_table: str | None) -> str:
 
 def write_sums(root: Path) -> Path:
     lines = [
-        f"{file_digest(p)}  {p.relative_to(root).as_posix()}"
+        f"{file_sha256(p)}  {p.relative_to(root).as_posix()}"
         for p in sorted(q for q in root.rglob("*") if q.is_file() and q.name != SUMS_FILE)
     ]
     atomic.write_text(root / SUMS_FILE, "\n".join(lines) + "\n")
@@ -74,7 +74,7 @@ def verify_sums(root: Path) -> None:
         path = root / rel
         if not path.is_file():
             raise ValueError(f"{path}: listed in {SUMS_FILE} but missing")
-        if file_digest(path) != digest:
+        if file_sha256(path) != digest:
             raise ValueError(f"{path}: sha256 does not match {SUMS_FILE}")
 
 

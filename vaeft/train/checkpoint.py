@@ -20,25 +20,6 @@ from vaeft import atomic
 _CKPT = re.compile(r"^step-(\d{9})\.pt$")
 
 
-def file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def tree_digest(root: str | Path) -> str:
-    """Digest of every file under ``root`` (names and bytes), or of a single file."""
-    root = Path(root)
-    if root.is_file():
-        return file_digest(root)
-    h = hashlib.sha256()
-    for p in sorted(q for q in root.rglob("*") if q.is_file()):
-        h.update(str(p.relative_to(root)).encode() + b"\0" + file_digest(p).encode())
-    return h.hexdigest()
-
-
 def fingerprint(**parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 

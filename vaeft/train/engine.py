@@ -26,7 +26,8 @@ from vaeft.losses.reconstruction import ReconstructionLoss
 from vaeft.model.build import build_autoencoder
 from vaeft.model.freeze import configure_trainable
 from vaeft.model.io import load_with_architecture, save_diffusers
-from vaeft.train.checkpoint import CheckpointStore, fingerprint, tree_digest
+from vaeft.hashing import tree_sha256
+from vaeft.train.checkpoint import CheckpointStore, fingerprint
 from vaeft.train.ema import Ema
 
 PHASES = ("pretrain", "ema", "mse")
@@ -91,7 +92,7 @@ def train_phase(
         init_digest = "scratch"
     else:
         vae = load_with_architecture(init, params.model.architecture)
-        init_digest = tree_digest(init)
+        init_digest = tree_sha256(init)
     vae.to(device)
     named = configure_trainable(vae, cfg.trainable)
     opt = torch.optim.Adam(named.values(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
@@ -106,7 +107,7 @@ def train_phase(
             augment=params.augment.model_dump(mode="json"),
             seed=params.seed,
             init=init_digest,
-            data=tree_digest(data_dir / MANIFEST_FILE),
+            data=tree_sha256(data_dir / MANIFEST_FILE),
         ),
         keep=cfg.keep_checkpoints,
     )

@@ -2,21 +2,15 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 from vaeft import atomic
+from vaeft.hashing import file_sha256
+
+__all__ = ["digest_matches", "file_sha256", "record", "recorded_digest"]
 
 VERIFIED_FILE = ".verified.json"
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def digest_matches(digest: str, sha256: str | None, sha256_prefix: str | None) -> bool:
