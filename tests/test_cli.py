@@ -18,7 +18,7 @@ from vaeft.data.manifest import read_manifest
 
 runner = CliRunner()
 
-COMMANDS = [[], ["curate"], ["pretrain"], ["train"], ["evaluate"], ["export"], ["publish"], ["augment"], ["augment", "preview"],
+COMMANDS = [[], ["curate"], ["pretrain"], ["train"], ["evaluate"], ["export"], ["publish"], ["augment"], ["augment", "preview"], ["augment", "materialize"],
             ["params"], ["params", "check"], ["params", "show"], ["recipe"], ["recipe", "list"], ["recipe", "apply"],
             ["convert"], ["check-fp16"], ["weights"], ["weights", "pull"], ["weights", "list"], ["weights", "add"],
             ["metrics"], ["data"], ["data", "coco-val"], ["data", "prepare"]]

@@ -56,7 +56,7 @@ def repo_copy(tmp_path_factory) -> Path:
 def test_retrain_flow_end_to_end(prefect_harness, repo_copy):
     from flows.retrain import retrain
 
-    stages = ["curate", "pretrain", "train-ema", "train-mse", "evaluate", "export"]
+    stages = ["curate", "augment", "pretrain", "train-ema", "train-mse", "evaluate", "export"]
     first = retrain(repo=str(repo_copy), publish_to=str(repo_copy / "pub"))
     assert first.stages == {s: True for s in stages}
     assert first.uploaded

@@ -97,6 +97,11 @@ class AugmentParams(_Strict):
     jpeg_draft: bool = True
     # Keep decoded images in worker memory (small datasets such as the embedded default).
     cache_images: bool = False
+    # Crops per training image written ahead of training by the `augment` stage (0: crops are
+    # drawn online in the loader, endless variety). Materialised crops version a run's exact
+    # inputs and are what posterior-moment caching needs.
+    materialize: NonNegativeInt = 0
+    shard_size: PositiveInt = 1024
 
     @field_validator("scale_levels")
     @classmethod

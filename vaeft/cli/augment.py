@@ -13,6 +13,20 @@ augment_app = typer.Typer(help="Training-crop augmentation tools.", no_args_is_h
 app.add_typer(augment_app, name="augment")
 
 
+@augment_app.command("materialize")
+def materialize(
+    params: ParamsOpt = DEFAULT_PARAMS_FILE,
+    data: Annotated[Path, typer.Option(help="curated data directory")] = Path("data/curated"),
+    out: Annotated[Path, typer.Option("--out", "-o", help="crop store directory")] = Path("data/crops"),
+    workers: Annotated[int, typer.Option(min=0, help="processes (0: one per core)")] = 0,
+) -> None:
+    """Render augment.materialize crops per training image into shards (the `augment` stage)."""
+    from vaeft.augment.materialize import materialize_crops
+
+    p = load(params)
+    materialize_crops(require(data, "data directory"), p.augment, p.seed, out, workers=workers or None)
+
+
 @augment_app.command("preview")
 def preview(
     params: ParamsOpt = DEFAULT_PARAMS_FILE,

@@ -56,6 +56,7 @@ def train(
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="output diffusers folder [models/ft-PHASE]")] = None,
     log: Annotated[Optional[Path], typer.Option(help="training log CSV (DVC plot)")] = None,
     state_dir: Annotated[Path, typer.Option(help="resumable training state (outside DVC outputs)")] = Path(".vaeft/state"),
+    crops: Annotated[Optional[Path], typer.Option(help="materialised crops (augment stage); online crops if empty")] = None,
 ) -> None:
     """Decoder-only fine-tune (encoder frozen), exporting EMA weights. Re-running resumes."""
     from vaeft.train.engine import train_phase
@@ -64,7 +65,7 @@ def train(
         raise UsageError(f"unknown phase {phase!r}: expected 'ema' or 'mse'")
     p = load(params)
     train_phase(phase, p, require(data, "data directory"), out or Path(f"models/ft-{phase}"),
-                require(init, "init model"), log, state_dir)
+                require(init, "init model"), log, state_dir, crops_dir=crops)
 
 
 @app.command()

@@ -110,9 +110,18 @@ def train_batches(
     num_workers: int = 0,
     rank: int = 0,
     world_size: int = 1,
+    crops_dir: str | Path | None = None,
 ) -> DataLoader:
-    """Batches (uint8, N x C x H x W) of this rank for steps ``start_step`` .. ``total_steps - 1``."""
-    stream = CropStream(data_dir, augment, seed, length=total_steps * batch_size * world_size)
+    """Batches (uint8, N x C x H x W) of this rank for steps ``start_step`` .. ``total_steps - 1``.
+
+    Reads materialised crops from ``crops_dir`` when it holds any, else augments online.
+    """
+    from vaeft.augment.materialize import ShardStream, has_crops
+
+    length = total_steps * batch_size * world_size
+    stream: Dataset = (
+        ShardStream(crops_dir, seed, length) if has_crops(crops_dir) else CropStream(data_dir, augment, seed, length)
+    )
     return DataLoader(
         stream,
         batch_size=batch_size,

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from vaeft import atomic, provenance
+from vaeft.augment.materialize import INDEX_FILE, has_crops
 from vaeft.config import Params, TrainPhaseParams
 from vaeft.console import banner, console, progress
 from vaeft.data.loader import to_model_range, train_batches
@@ -78,8 +79,12 @@ def train_phase(
     init: str | Path | None = None,
     log_file: str | Path | None = None,
     state_root: str | Path = ".vaeft/state",
+    crops_dir: str | Path | None = None,
 ) -> TrainResult:
-    """Train one phase and write its model to ``out_dir`` (resumes from ``state_root`` if possible)."""
+    """Train one phase and write its model to ``out_dir`` (resumes from ``state_root`` if possible).
+
+    ``crops_dir``: materialised crops (the ``augment`` stage) to train on instead of online crops.
+    """
     cfg = phase_params(params, phase)
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     banner(f"train {phase}", f"{cfg.steps} steps, batch {cfg.batch_size}, {cfg.trainable} -> {out_dir}")
@@ -108,6 +113,7 @@ def train_phase(
             seed=params.seed,
             init=init_digest,
             data=tree_sha256(data_dir / MANIFEST_FILE),
+            crops=tree_sha256(Path(crops_dir) / INDEX_FILE) if has_crops(crops_dir) else None,
         ),
         keep=cfg.keep_checkpoints,
     )
@@ -128,7 +134,8 @@ def train_phase(
     last_loss = math.nan
     t0 = time.perf_counter()
     t_window, n_window = time.perf_counter(), 0
-    loader = train_batches(data_dir, params.augment, params.seed, cfg.batch_size, start, cfg.steps, cfg.num_workers)
+    loader = train_batches(data_dir, params.augment, params.seed, cfg.batch_size, start, cfg.steps, cfg.num_workers,
+                           crops_dir=crops_dir)
     with progress() as bar:
         task = bar.add_task(f"train {phase}", total=cfg.steps, completed=start, info="")
         for step, batch in enumerate(loader, start=start):

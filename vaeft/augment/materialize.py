@@ -1,0 +1,134 @@
+"""The optional ``augment`` stage: K crops per training image, rendered ahead of training.
+
+Output directory::
+
+    OUT/index.parquet        one row per crop: shard, row, image sha256, k, and the crop spec
+    OUT/shard-00000.npy      uint8 [n, 3, S, S] (plain .npy: byte-identical across runs)
+    OUT/run_info.json
+
+Crop k of training image i is drawn from ``rng(seed, k, i)`` (k plays the epoch's role), so the
+store does not depend on the worker count. Training reads it through :class:`ShardStream`.
+With ``augment.materialize = 0`` the stage writes an empty index and training augments online.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from vaeft import atomic, provenance
+from vaeft.augment.crops import random_crop, sample_rng
+from vaeft.config import AugmentParams
+from vaeft.console import banner, console, progress
+from vaeft.data.manifest import read_manifest
+
+INDEX_FILE = "index.parquet"
+
+
+@dataclass(frozen=True)
+class MaterializeResult:
+    out_dir: Path
+    n_crops: int
+    n_shards: int
+
+
+def _crops_of_image(args: tuple[str, int, AugmentParams, int]) -> tuple[np.ndarray, list[dict]]:
+    path, image_index, augment, seed = args
+    crops, specs = [], []
+    with Image.open(path) as img:
+        img = img.convert("RGB")
+        for k in range(augment.materialize):
+            crop, spec = random_crop(img, augment, sample_rng(seed, k, image_index))
+            crops.append(crop)
+            specs.append({"k": k, **spec.as_dict()})
+    return np.stack(crops), specs
+
+
+def materialize_crops(
+    data_dir: str | Path, augment: AugmentParams, seed: int, out_dir: str | Path, workers: int | None = None
+) -> MaterializeResult:
+    data_dir, out_dir = Path(data_dir), Path(out_dir)
+    k = augment.materialize
+    rows = read_manifest(data_dir, split="train")
+    banner("augment", f"{k} crops x {len(rows)} images -> {out_dir}" if k else "materialize = 0: online augmentation")
+    workers = workers or max(1, min(len(rows), os.cpu_count() or 1))
+    index: list[dict] = []
+    pending: list[np.ndarray] = []
+    n_shards = 0
+
+    def flush(tmp: Path) -> None:
+        nonlocal pending, n_shards
+        if pending:
+            np.save(tmp / f"shard-{n_shards:05d}.npy", np.concatenate(pending), allow_pickle=False)
+            n_shards += 1
+            pending = []
+
+    with atomic.atomic_dir(out_dir) as tmp:
+        if k:
+            jobs = [(str(data_dir / r.stored_path), i, augment, seed) for i, r in enumerate(rows)]
+            with progress() as bar, ProcessPoolExecutor(workers) as pool:
+                task = bar.add_task("augment", total=len(jobs), info="")
+                # map() keeps manifest order whatever the worker count: the store is deterministic.
+                for (crops, specs), row in zip(pool.map(_crops_of_image, jobs, chunksize=4), rows, strict=True):
+                    for crop, spec in zip(crops, specs, strict=True):
+                        in_shard = sum(len(p) for p in pending)
+                        index.append({"shard": n_shards, "row": in_shard, "image_sha256": row.sha256, "seed": seed, **spec})
+                        pending.append(crop[None])
+                        if in_shard + 1 == augment.shard_size:
+                            flush(tmp)
+                    bar.update(task, advance=1)
+            flush(tmp)
+        table = pa.Table.from_pylist(index) if index else pa.table({"shard": pa.array([], pa.int64())})
+        pq.write_table(table, tmp / INDEX_FILE, compression="zstd", write_statistics=False)
+        provenance.write_run_info(tmp, "augment", {"augment": augment}, seed=seed, crops=len(index), shards=n_shards)
+    console.print(f"augment: {len(index)} crops in {n_shards} shards" if k else "augment: nothing materialised")
+    return MaterializeResult(out_dir, len(index), n_shards)
+
+
+def has_crops(crops_dir: str | Path | None) -> bool:
+    """True when ``crops_dir`` holds materialised crops (an empty index means: augment online)."""
+    if crops_dir is None or not (Path(crops_dir) / INDEX_FILE).is_file():
+        return False
+    return pq.read_metadata(Path(crops_dir) / INDEX_FILE).num_rows > 0
+
+
+class ShardStream(Dataset):
+    """The virtual sample sequence of a run over materialised crops (same contract as CropStream)."""
+
+    def __init__(self, crops_dir: str | Path, seed: int, length: int) -> None:
+        crops_dir = Path(crops_dir)
+        index = pq.read_table(crops_dir / INDEX_FILE, columns=["shard", "row"])
+        self.shard = index.column("shard").to_numpy()
+        self.row = index.column("row").to_numpy()
+        if not len(self.shard):
+            raise ValueError(f"{crops_dir}: no materialised crops")
+        self.dir, self.seed, self.length = crops_dir, seed, length
+        self._shards: dict[int, np.ndarray] = {}
+        self._perm_epoch, self._perm = -1, np.empty(0, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def _array(self, shard: int) -> np.ndarray:
+        if shard not in self._shards:
+            # Memory-mapped: workers share the page cache instead of each holding a copy.
+            self._shards[shard] = np.load(self.dir / f"shard-{shard:05d}.npy", mmap_mode="r")
+        return self._shards[shard]
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        n = len(self.shard)
+        epoch, pos = divmod(i, n)
+        if epoch != self._perm_epoch:
+            self._perm = np.random.default_rng([self.seed, epoch]).permutation(n)
+            self._perm_epoch = epoch
+        j = int(self._perm[pos])
+        return torch.from_numpy(np.array(self._array(int(self.shard[j]))[int(self.row[j])]))
