@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,7 +93,8 @@ def load_rgb(src: str | Path | bytes, limits: ImageLimits) -> Image.Image:
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
             raise ImageRejected("too_many_pixels", str(exc)) from None
         except (OSError, ValueError, SyntaxError) as exc:
-            raise ImageRejected("not_an_image", str(exc)) from None
+            # Pillow names the BytesIO object (a memory address): keep reports reproducible.
+            raise ImageRejected("not_an_image", re.sub(r" <_io\.BytesIO object at 0x[0-9a-f]+>", "", str(exc))) from None
     with img:
         w, h = img.size
         if w * h > limits.max_pixels:  # checked from the header, before decoding
