@@ -15,6 +15,8 @@ from vaeft.data.curate import REPORT_FILE, CurationError, curate, split_of
 from vaeft.data.images import ImageLimits, ImageRejected, load_rgb
 from vaeft.data.manifest import MANIFEST_FILE, read_manifest
 
+from .curate_corpus import photo, rgb16_png, swapped_primaries_icc
+
 
 def test_embedded_source_is_curated_and_split(curated):
     rows = read_manifest(curated)
@@ -43,10 +45,7 @@ def test_split_is_stable_per_image():
     assert [split_of(h, 0.25) for h in hashes[:500]] == splits[:500]
 
 
-def _photo(seed: int, size=(96, 80)) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    base = rng.integers(0, 255, size=(size[1] // 8, size[0] // 8, 3), dtype=np.uint8)
-    return np.asarray(Image.fromarray(base).resize(size, Image.BICUBIC))
+_photo = photo
 
 
 @pytest.fixture
@@ -55,6 +54,8 @@ def odd_folder(tmp_path):
     (d / "sub").mkdir(parents=True)
     Image.fromarray(_photo(1)).save(d / "good.png")
     Image.fromarray(_photo(1)).save(d / "sub" / "good_copy.png")  # exact duplicate bytes
+    # resized, re-encoded copy: different bytes, same picture
+    Image.fromarray(_photo(1)).resize((144, 120), Image.LANCZOS).save(d / "sub" / "good_near.jpg", quality=85)
     Image.fromarray(_photo(2)).save(d / "good.jpg", quality=90)
     (d / "empty.png").write_bytes(b"")
     (d / "text.jpg").write_text("this is not an image")
@@ -63,19 +64,38 @@ def odd_folder(tmp_path):
     (d / "truncated.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
     Image.fromarray(_photo(4, (40, 40))).save(d / "tiny.png")
     Image.fromarray(_photo(5, (400, 70))).save(d / "panorama.png")
+    Image.new("RGB", (640, 640)).save(d / "bomb.png")  # over the test's max_pixels
     rgba = np.dstack([_photo(6), np.zeros((80, 96), np.uint8)])  # fully transparent
     Image.fromarray(rgba, "RGBA").save(d / "transparent.png")
     Image.fromarray(_photo(7)).convert("P").save(d / "palette.gif")
     Image.fromarray(_photo(8)).convert("CMYK").save(d / "cmyk.jpg")
     Image.fromarray((np.arange(96 * 80).reshape(80, 96) * 8).astype(np.uint16)).save(d / "gray16.png")
     Image.fromarray(_photo(9)).convert("L").save(d / "gray.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
+    Image.fromarray(_photo(10)).save(d / "exif_rotated.jpg", exif=exif.tobytes())
+    reddish = _photo(11).copy()
+    reddish[..., 1:] //= 5
+    Image.fromarray(reddish).save(d / "icc_swapped.png", icc_profile=swapped_primaries_icc())
+    Image.fromarray(_photo(12)).save(d / "icc_garbage.jpg", icc_profile=b"not a profile at all")
+    la = np.dstack([np.asarray(Image.fromarray(_photo(13)).convert("L")), np.full((80, 96), 255, np.uint8)])
+    Image.fromarray(la, "LA").save(d / "gray_alpha.png")
+    (d / "rgb16.png").write_bytes(rgb16_png(_photo(14).astype(np.uint16) * 257))
+    frames = [Image.fromarray(_photo(15)).convert("P"), Image.fromarray(_photo(16)).convert("P")]
+    frames[0].save(d / "animated.gif", save_all=True, append_images=frames[1:], duration=100)
+    Image.fromarray(_photo(17)).save(d / "photo.webp", quality=80)
+    Image.fromarray(_photo(18)).save(d / "photo.bmp")
+    Image.fromarray(_photo(19)).save(d / "progressive.jpg", progressive=True, quality=90)
     return d
 
 
+def _odd_params(odd_folder, work, **kw) -> DataParams:
+    return DataParams(sources=[SourceParams(name="odd", kind="folder", path=str(odd_folder))], min_side=64,
+                      max_pixels=200_000, eval_fraction=0.5, work_dir=str(work), **kw)
+
+
 def test_odd_files_are_rejected_or_normalised(tmp_path, odd_folder):
-    params = DataParams(sources=[SourceParams(name="odd", kind="folder", path=str(odd_folder))],
-                        min_side=64, eval_fraction=0.5)
-    result = curate(params, tmp_path / "out")
+    result = curate(_odd_params(odd_folder, tmp_path / "work", workers=1), tmp_path / "out")
     report = json.loads((tmp_path / "out" / REPORT_FILE).read_text())
     reasons = {r["location"].split("/")[-1]: r["reason"] for r in report["rejected_files"]}
     assert reasons == {
@@ -84,16 +104,41 @@ def test_odd_files_are_rejected_or_normalised(tmp_path, odd_folder):
         "truncated.jpg": "truncated_or_corrupt",
         "tiny.png": "too_small",
         "panorama.png": "extreme_aspect",
+        "bomb.png": "too_many_pixels",
     }
-    dupes = report["duplicate_files"]
-    assert len(dupes) == 1 and dupes[0]["reason"] == "exact_duplicate"
+    dupes = {r["location"].split("/")[-1]: (r["reason"], r["duplicate_of"].split("/")[-1]) for r in report["duplicate_files"]}
+    assert dupes == {"good_copy.png": ("exact_duplicate", "good.png"), "good_near.jpg": ("near_duplicate", "good.png")}
     rows = {r.location.split("/")[-1]: r for r in read_manifest(tmp_path / "out")}
-    assert set(rows) == {"good.png", "good.jpg", "transparent.png", "palette.gif", "cmyk.jpg", "gray16.png", "gray.png"}
-    assert result.n_rejected == 5 and result.n_duplicates == 1
-    white = np.asarray(Image.open(tmp_path / "out" / rows["transparent.png"].stored_path))
-    assert (white == 255).all()  # alpha composited on white
-    g16 = np.asarray(Image.open(tmp_path / "out" / rows["gray16.png"].stored_path))
+    assert set(rows) == {"good.png", "good.jpg", "transparent.png", "palette.gif", "cmyk.jpg", "gray16.png", "gray.png",
+                         "exif_rotated.jpg", "icc_swapped.png", "icc_garbage.jpg", "gray_alpha.png", "rgb16.png",
+                         "animated.gif", "photo.webp", "photo.bmp", "progressive.jpg"}
+    assert result.n_rejected == 6 and result.n_duplicates == 2
+    assert report["per_reason"]["near_duplicate"] == 1 and report["per_source"]["odd"]["seen"] == 24
+    assert all(len(r.phash) == 16 for r in rows.values())
+
+    def pixels(name: str) -> np.ndarray:
+        img = Image.open(tmp_path / "out" / rows[name].stored_path)
+        assert img.mode == "RGB" and img.size == (rows[name].width, rows[name].height)
+        return np.asarray(img)
+
+    assert (pixels("transparent.png") == 255).all()  # alpha composited on white
+    g16 = pixels("gray16.png")
     assert g16.dtype == np.uint8 and g16.max() > 200  # 16-bit scaled, not clipped to black/white
+    assert (rows["exif_rotated.jpg"].width, rows["exif_rotated.jpg"].height) == (80, 96)  # EXIF applied
+    swapped = pixels("icc_swapped.png").reshape(-1, 3).mean(0)
+    assert swapped[1] > 2 * swapped[0]  # reddish pixels in that profile are green in sRGB
+    assert abs(pixels("rgb16.png").astype(int) - _photo(14)).max() <= 1
+    assert abs(pixels("photo.bmp").astype(int) - _photo(18)).max() == 0
+    assert abs(pixels("animated.gif").astype(int) - np.asarray(Image.fromarray(_photo(15)).convert("P").convert("RGB"))).max() == 0
+    la = pixels("gray_alpha.png")
+    assert (la[..., 0] == la[..., 1]).all() and (la[..., 1] == la[..., 2]).all()
+
+
+def test_odd_folder_manifest_is_byte_identical_when_recomputed(tmp_path, odd_folder):
+    curate(_odd_params(odd_folder, tmp_path / "w1", workers=1), tmp_path / "a")
+    curate(_odd_params(odd_folder, tmp_path / "w2", workers=2), tmp_path / "b")  # fresh work dir, process pool
+    assert (tmp_path / "a" / MANIFEST_FILE).read_bytes() == (tmp_path / "b" / MANIFEST_FILE).read_bytes()
+    assert (tmp_path / "a" / REPORT_FILE).read_bytes() == (tmp_path / "b" / REPORT_FILE).read_bytes()
 
 
 def test_decompression_bomb_is_refused_before_decoding(tmp_path, monkeypatch):
@@ -108,7 +153,8 @@ def test_decompression_bomb_is_refused_before_decoding(tmp_path, monkeypatch):
 
 
 def test_missing_source_folder_is_a_clear_error(tmp_path):
-    params = DataParams(sources=[SourceParams(name="x", kind="folder", path=str(tmp_path / "nope"))])
+    params = DataParams(sources=[SourceParams(name="x", kind="folder", path=str(tmp_path / "nope"))],
+                        work_dir=str(tmp_path / "work"))
     with pytest.raises(CurationError, match="data source 'x': folder .* does not exist"):
         curate(params, tmp_path / "out")
     assert not (tmp_path / "out").exists()  # nothing half-written

@@ -41,19 +41,35 @@ class _Strict(BaseModel):
 
 
 class SourceParams(_Strict):
-    """One image source. ``embedded`` is the photos that installed packages ship."""
+    """One image source, mixed with the others in proportion to ``weight``.
+
+    ``embedded``: the photos that installed packages ship. ``folder``: a directory tree.
+    ``tar``: a WebDataset-style shard, or a folder / glob of ``.tar`` shards. ``table``: a
+    parquet, CSV or JSONL file with a path or URL column (relative paths are relative to the
+    table's folder) and optional LAION columns. ``s3``: ``s3://bucket/prefix``.
+    """
 
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
-    kind: Literal["embedded", "folder"] = "folder"
+    kind: Literal["embedded", "folder", "tar", "table", "s3"] = "folder"
     path: str | None = None
     weight: PositiveFloat = 1.0
+    # table: the column holding the path or URL; None picks the first of url, path, file, filepath.
+    column: str | None = None
+    # s3: endpoint of an S3-compatible store (MinIO, moto, ...); None means AWS.
+    endpoint_url: str | None = None
 
     @model_validator(mode="after")
     def _path_matches_kind(self) -> SourceParams:
-        if self.kind == "folder" and not self.path:
-            raise ValueError(f"source {self.name!r} of kind 'folder' needs a 'path'")
+        if self.kind != "embedded" and not self.path:
+            raise ValueError(f"source {self.name!r} of kind {self.kind!r} needs a 'path'")
         if self.kind == "embedded" and self.path:
             raise ValueError(f"source {self.name!r} of kind 'embedded' takes no 'path'")
+        if self.kind == "s3" and not str(self.path).startswith("s3://"):
+            raise ValueError(f"source {self.name!r}: an s3 path looks like s3://bucket/prefix, got {self.path!r}")
+        if self.column is not None and self.kind != "table":
+            raise ValueError(f"source {self.name!r}: 'column' applies to kind 'table' only")
+        if self.endpoint_url is not None and self.kind != "s3":
+            raise ValueError(f"source {self.name!r}: 'endpoint_url' applies to kind 's3' only")
         return self
 
 
@@ -67,6 +83,24 @@ class DataParams(_Strict):
     max_pixels: PositiveInt = 89_478_485
     # Fraction of images held out for evaluation, decided per image from its content hash.
     eval_fraction: float = Field(default=0.25, gt=0.0, lt=1.0)
+    # Files larger than this are refused unread (reason file_too_large).
+    max_bytes: PositiveInt = 256 * 1024 * 1024
+    # LAION metadata filters, applied only where the column (or .json sidecar key) exists.
+    min_aesthetic: float | None = None
+    max_pwatermark: float | None = Field(default=None, ge=0.0, le=1.0)
+    max_punsafe: float | None = Field(default=None, ge=0.0, le=1.0)
+    # Near duplicates: perceptual hashes at most this many bits apart (of 64); -1 disables.
+    phash_distance: int = Field(default=4, ge=-1, le=16)
+    # Subsample the larger sources so kept images follow the sources' weights.
+    balance: bool = True
+    # URL fetches: seconds per attempt, and extra attempts after a timeout or 5xx.
+    fetch_timeout: PositiveFloat = 10.0
+    fetch_retries: NonNegativeInt = 2
+    # Process-pool size (0: all CPU cores; 1: in-process) and items per work unit.
+    workers: NonNegativeInt = 0
+    shard_size: PositiveInt = 256
+    # Per-shard partial results for resuming, kept outside the (atomically replaced) output.
+    work_dir: str = ".vaeft/curate-work"
 
     @field_validator("sources")
     @classmethod

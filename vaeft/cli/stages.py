@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -16,20 +17,34 @@ def curate(
     params: ParamsOpt = DEFAULT_PARAMS_FILE,
     out: Annotated[Path, typer.Option("--out", "-o", help="curated data directory")] = Path("data/curated"),
     source: Annotated[
-        Optional[list[Path]], typer.Option("--source", "-s", help="image folder; replaces the params' sources (repeatable)")
+        Optional[list[str]],
+        typer.Option("--source", "-s", help="image folder, .tar shard, table (.parquet/.csv/.jsonl) or s3://bucket/prefix; "
+                     "replaces the params' sources (repeatable, mixed 1:1)"),
     ] = None,
 ) -> None:
-    """Validate, normalise and split images into a curated store with a manifest."""
+    """Validate, normalise, de-duplicate, mix and split images into a curated store with a manifest."""
     from vaeft.config import SourceParams
     from vaeft.data.curate import curate as run
 
     # Outside a vaeft checkout (no params.yaml) plain folders curate with the default thresholds.
     data = (load(params) if params.exists() or params != DEFAULT_PARAMS_FILE else Params()).data
     if source:
-        sources = [SourceParams(name=f"src{i}_{s.name or 'root'}", kind="folder", path=str(require(s, "source")))
-                   for i, s in enumerate(source)]
+        sources = []
+        for i, s in enumerate(source):
+            kind = _source_kind(s)
+            path = s if kind == "s3" else str(require(Path(s), "source"))
+            sources.append(SourceParams(name=re.sub(r"[^A-Za-z0-9_.-]", "_", f"src{i}_{Path(s).stem or 'root'}"), kind=kind, path=path))
         data = data.model_copy(update={"sources": sources})
     run(data, out)
+
+
+def _source_kind(given: str) -> str:
+    if given.startswith("s3://"):
+        return "s3"
+    suffix = Path(given).suffix.lower()
+    if suffix == ".tar":
+        return "tar"
+    return "table" if suffix in (".parquet", ".csv", ".tsv", ".jsonl", ".ndjson") else "folder"
 
 
 @app.command()

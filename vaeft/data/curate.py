@@ -1,29 +1,46 @@
-"""The ``curate`` stage: sources -> validated, normalised, de-duplicated, split image store.
+"""The ``curate`` stage: sources -> validated, normalised, de-duplicated, mixed, split image store.
 
 Output directory layout::
 
     OUT/manifest.parquet          one row per kept image (see data/manifest.py)
-    OUT/images/<sha256>.png       normalised 8-bit RGB copies
-    OUT/curation_report.json      counts per source and reason, every rejected file
+    OUT/images/<sha256>.png       normalised 8-bit sRGB copies
+    OUT/curation_report.json      counts per source and reason, every rejected/dropped file
     OUT/run_info.json             resolved params + git commit
+
+Work happens in two phases. Shards (a tar file, or a chunk of files / table rows / S3 keys)
+are processed in a process pool; each writes its per-item results and normalised PNGs into a
+work directory outside OUT, committed atomically, so an interrupted run resumes where it
+stopped. The merge then reads those small records in a fixed order (source, shard, item) and
+de-duplicates, mixes and splits; nothing decoded is held, so memory grows only with the
+records (~200 bytes per image), never with pixels.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import multiprocessing
+import os
+import shutil
 from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from vaeft import atomic, provenance
 from vaeft.config import DataParams, SourceParams
 from vaeft.console import banner, console, progress
-from vaeft.data.embedded import IMAGE_SUFFIXES, embedded_image_files
 from vaeft.data.images import ImageLimits, ImageRejected, load_rgb
 from vaeft.data.manifest import MANIFEST_FILE, ManifestRow, write_manifest
+from vaeft.data.phash import NearDuplicateIndex, phash
+from vaeft.data.sources import Item, ReadLimits, Shard, SourceError, iter_items, iter_shards
 from vaeft.errors import VaeftError
-from vaeft.hashing import file_sha256
 
 REPORT_FILE = "curation_report.json"
+# Bump when per-item processing changes, so stale partial results are not reused.
+_WORK_VERSION = 1
 
 
 class CurationError(VaeftError):
@@ -37,6 +54,9 @@ class CurateResult:
     n_eval: int
     n_rejected: int
     n_duplicates: int
+    n_subsampled: int = 0
+    shards_done: int = 0  # processed by this run
+    shards_reused: int = 0  # finished by an earlier (interrupted) run
 
     @property
     def manifest(self) -> Path:
@@ -48,71 +68,264 @@ def split_of(sha256: str, eval_fraction: float) -> str:
     return "eval" if int(sha256[:16], 16) / 16**16 < eval_fraction else "train"
 
 
+def _mix_key(sha256: str) -> str:
+    # Independent of split_of's key: subsampling by the sha itself would skew the split.
+    return hashlib.sha256(f"mix:{sha256}".encode()).hexdigest()
+
+
 def source_files(source: SourceParams) -> list[tuple[str, Path]]:
-    """(location as given, path) of every candidate image of a source, in a stable order."""
-    if source.kind == "embedded":
-        return embedded_image_files()
-    root = Path(source.path or "")
-    if not root.is_dir():
-        raise CurationError(f"data source {source.name!r}: folder {root} does not exist")
-    found = sorted(p.relative_to(root) for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    return [(str(Path(source.path or "") / rel), root / rel) for rel in found]
+    """(location as given, path) of every candidate file of a folder or embedded source."""
+    from vaeft.data.sources import _folder_files
+
+    try:
+        return _folder_files(source)
+    except SourceError as exc:
+        raise CurationError(str(exc)) from None
+
+
+# ------------------------------------------------------------------------------ per shard
+
+
+@dataclass(frozen=True)
+class WorkConfig:
+    image: ImageLimits
+    read: ReadLimits
+    min_aesthetic: float | None
+    max_pwatermark: float | None
+    max_punsafe: float | None
+    work: str
+
+    def meta_rejection(self, meta: dict[str, float]) -> tuple[str, str] | None:
+        """LAION metadata filters, checked before anything is downloaded or decoded."""
+        a, w, u = meta.get("aesthetic"), meta.get("pwatermark"), meta.get("punsafe")
+        if self.min_aesthetic is not None and a is not None and a < self.min_aesthetic:
+            return "low_aesthetic", f"aesthetic {a:g} < {self.min_aesthetic:g}"
+        if self.max_pwatermark is not None and w is not None and w > self.max_pwatermark:
+            return "watermark", f"pwatermark {w:g} > {self.max_pwatermark:g}"
+        if self.max_punsafe is not None and u is not None and u > self.max_punsafe:
+            return "unsafe", f"punsafe {u:g} > {self.max_punsafe:g}"
+        width, height = meta.get("width"), meta.get("height")
+        if width and height and width > 0 and height > 0:
+            if min(width, height) < self.image.min_side:
+                return "too_small", f"{width:g}x{height:g} in metadata, min side {self.image.min_side}"
+            if max(width, height) / min(width, height) > self.image.max_aspect:
+                return "extreme_aspect", f"{width:g}x{height:g} in metadata"
+        return None
+
+
+def _result_path(work: str | Path, shard: Shard) -> Path:
+    return Path(work) / "shards" / shard.source / f"{shard.key}.jsonl"
+
+
+def _stored_png(work: str | Path, sha: str) -> Path:
+    return Path(work) / "images" / sha[:2] / f"{sha}.png"
+
+
+def _rejected(item: Item, reason: str, detail: str) -> dict[str, Any]:
+    return {"location": item.location, "reason": reason, "detail": detail}
+
+
+def process_item(item: Item, cfg: WorkConfig) -> dict[str, Any]:
+    """One candidate -> a small record: kept (sha256, size, phash) or rejected (reason)."""
+    if item.data is None:
+        return _rejected(item, item.reason, item.detail)
+    why = cfg.meta_rejection(item.meta)  # tar sidecars: known only once the sample is read
+    if why:
+        return _rejected(item, *why)
+    sha = hashlib.sha256(item.data).hexdigest()
+    try:
+        img = load_rgb(item.data, cfg.image)
+    except ImageRejected as exc:
+        return _rejected(item, exc.reason, exc.detail)
+    try:
+        ph = phash(img)
+        target = _stored_png(cfg.work, sha)
+        if not target.exists():
+            with atomic.atomic_path(target) as tmp:
+                img.save(tmp, format="PNG")
+        return {"location": item.location, "reason": "", "sha256": sha, "width": img.width,
+                "height": img.height, "phash": ph}
+    finally:
+        img.close()
+
+
+def process_shard(shard: Shard, cfg: WorkConfig) -> tuple[str, int]:
+    """Process every item of ``shard`` and commit its records atomically; returns (key, n)."""
+    records = []
+    for item in iter_items(shard, cfg.read, cfg.meta_rejection):
+        try:
+            records.append(process_item(item, cfg))
+        except Exception as exc:  # a decoder bug on one file must not lose the whole run
+            records.append(_rejected(item, "internal_error", f"{type(exc).__name__}: {exc}"))
+        item.data = None  # drop the raw bytes before the next item is read
+    atomic.write_text(_result_path(cfg.work, shard), "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
+    return shard.key, len(records)
+
+
+# ------------------------------------------------------------------------------ scheduling
+
+
+def _work_dir(params: DataParams) -> Path:
+    """Partial results are only reusable under the same per-item rules: key the folder by them."""
+    rules = params.model_dump(include={"min_side", "max_aspect", "max_pixels", "max_bytes", "min_aesthetic",
+                                       "max_pwatermark", "max_punsafe"})
+    key = hashlib.sha256(json.dumps([_WORK_VERSION, rules], sort_keys=True).encode()).hexdigest()[:16]
+    return Path(params.work_dir) / key
+
+
+def _all_shards(params: DataParams) -> Iterator[tuple[int, Shard]]:
+    for i, source in enumerate(params.sources):
+        try:
+            for shard in iter_shards(source, params.shard_size):
+                yield i, shard
+        except SourceError as exc:
+            raise CurationError(str(exc)) from None
+
+
+def _run_shards(params: DataParams, cfg: WorkConfig) -> tuple[list[tuple[int, Shard]], int, int]:
+    """Process every shard not already done; returns (all shards in order, done, reused)."""
+    n_workers = params.workers or os.cpu_count() or 1
+    order: list[tuple[int, Shard]] = []
+    done = reused = 0
+    with progress() as bar:
+        task = bar.add_task("curate", total=None, info="listing sources")
+        pool = None
+        if n_workers > 1:
+            # spawn: the parent may hold threads (progress bar, S3/HTTP clients); fork would copy their locks.
+            pool = ProcessPoolExecutor(n_workers, mp_context=multiprocessing.get_context("spawn"))
+        in_flight: dict[Future[tuple[str, int]], Shard] = {}
+
+        def collect(block: bool) -> None:
+            nonlocal done
+            if not in_flight:
+                return
+            finished, _ = wait(in_flight, timeout=None if block else 0, return_when=FIRST_COMPLETED)
+            for fut in finished:
+                shard = in_flight.pop(fut)
+                _, n = fut.result()
+                done += 1
+                bar.update(task, advance=1, info=f"{shard.source} #{shard.index}: {n} files")
+
+        try:
+            for src_idx, shard in _all_shards(params):
+                order.append((src_idx, shard))
+                bar.update(task, total=len(order))
+                if _result_path(cfg.work, shard).exists():
+                    reused += 1
+                    bar.update(task, advance=1, info=f"{shard.source} #{shard.index}: done earlier")
+                    continue
+                if pool is None:
+                    _, n = process_shard(shard, cfg)
+                    done += 1
+                    bar.update(task, advance=1, info=f"{shard.source} #{shard.index}: {n} files")
+                    continue
+                # Bounded in-flight work: shards (and their bytes) are never queued without limit.
+                while len(in_flight) >= 2 * n_workers:
+                    collect(block=True)
+                in_flight[pool.submit(process_shard, shard, cfg)] = shard
+                collect(block=False)
+            while in_flight:
+                collect(block=True)
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+    return order, done, reused
+
+
+# ------------------------------------------------------------------------------ merge
+
+
+def _read_records(work: Path, shard: Shard) -> list[dict[str, Any]]:
+    with open(_result_path(work, shard), encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh]
+
+
+def _mix_targets(available: dict[str, int], weights: dict[str, float]) -> dict[str, int]:
+    """Largest per-source counts in the ratio of the weights that every source can supply.
+
+    Sources that kept nothing are left out rather than forcing every other source to zero.
+    """
+    live = {s: n for s, n in available.items() if n > 0}
+    if len(live) < 2:
+        return dict(available)
+    scale = min(n / weights[s] for s, n in live.items())
+    return {s: (min(n, int(scale * weights[s] + 1e-9)) if s in live else 0) for s, n in available.items()}
 
 
 def curate(params: DataParams, out_dir: str | Path) -> CurateResult:
     """Validate and normalise every image of every source, then write manifest and report."""
     out_dir = Path(out_dir)
     banner("curate", f"-> {out_dir}")
-    limits = ImageLimits(params.min_side, params.max_aspect, params.max_pixels)
-    files = [(s, loc, f) for s in params.sources for loc, f in source_files(s)]
+    work = _work_dir(params)
+    cfg = WorkConfig(
+        ImageLimits(params.min_side, params.max_aspect, params.max_pixels),
+        ReadLimits(params.max_bytes, params.fetch_timeout, params.fetch_retries),
+        params.min_aesthetic, params.max_pwatermark, params.max_punsafe, str(work),
+    )
+    order, n_done, n_reused = _run_shards(params, cfg)
 
-    rows: list[ManifestRow] = []
+    names = [s.name for s in params.sources]
     rejected: list[dict[str, str]] = []
-    duplicates: list[dict[str, str]] = []
-    seen: dict[str, str] = {}
+    duplicates: list[dict[str, Any]] = []
+    candidates: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
+    seen = Counter[str]()
+    by_sha: dict[str, str] = {}
+    near = NearDuplicateIndex(params.phash_distance)
+    for src_idx, shard in sorted(order, key=lambda t: (t[0], t[1].index)):
+        name = names[src_idx]
+        for rec in _read_records(work, shard):
+            seen[name] += 1
+            loc = rec["location"]
+            if rec["reason"]:
+                rejected.append({"location": loc, "source": name, "reason": rec["reason"], "detail": rec["detail"]})
+            elif rec["sha256"] in by_sha:
+                duplicates.append({"location": loc, "source": name, "reason": "exact_duplicate",
+                                   "duplicate_of": by_sha[rec["sha256"]]})
+            elif (hit := near.find(rec["phash"])) is not None:
+                duplicates.append({"location": loc, "source": name, "reason": "near_duplicate",
+                                   "duplicate_of": hit[0], "distance": hit[1]})
+            else:
+                by_sha[rec["sha256"]] = loc
+                near.add(rec["phash"], loc)
+                candidates[name].append({**rec, "source": name})
+
+    subsampled: list[dict[str, str]] = []
+    if params.balance:
+        targets = _mix_targets({n: len(c) for n, c in candidates.items()}, {s.name: s.weight for s in params.sources})
+        for name, recs in candidates.items():
+            ranked = sorted(recs, key=lambda r: _mix_key(r["sha256"]))
+            candidates[name] = ranked[: targets[name]]
+            subsampled += [{"location": r["location"], "source": name, "reason": "mix_subsampled"}
+                           for r in ranked[targets[name]:]]
+
+    rows = [
+        ManifestRow(r["location"], f"images/{r['sha256']}.png", r["sha256"], r["width"], r["height"], r["source"],
+                    split_of(r["sha256"], params.eval_fraction), r["phash"])
+        for recs in candidates.values() for r in recs
+    ]
+    n_eval = sum(r.split == "eval" for r in rows)
+    n_train = len(rows) - n_eval
+    if n_train == 0 or n_eval == 0:
+        raise CurationError(
+            f"curation kept {n_train} train and {n_eval} eval images; need at least one of each "
+            "(add images or change data.eval_fraction)"
+        )
     with atomic.atomic_dir(out_dir) as tmp:
         (tmp / "images").mkdir()
-        with progress() as bar:
-            task = bar.add_task("curate", total=len(files), info="")
-            for source, location, path in files:
-                bar.update(task, advance=1, info=path.name)
-                try:
-                    sha = file_sha256(path)
-                except OSError as exc:
-                    rejected.append({"location": location, "source": source.name, "reason": "unreadable", "detail": str(exc)})
-                    continue
-                if sha in seen:
-                    duplicates.append({"location": location, "source": source.name, "reason": "exact_duplicate", "duplicate_of": seen[sha]})
-                    continue
-                try:
-                    img = load_rgb(path, limits)
-                except ImageRejected as exc:
-                    rejected.append({"location": location, "source": source.name, "reason": exc.reason, "detail": exc.detail})
-                    continue
-                seen[sha] = location
-                stored = f"images/{sha}.png"
-                with atomic.atomic_path(tmp / stored) as t:
-                    img.save(t, format="PNG")
-                rows.append(
-                    ManifestRow(location, stored, sha, img.width, img.height, source.name, split_of(sha, params.eval_fraction))
-                )
-        n_eval = sum(r.split == "eval" for r in rows)
-        n_train = len(rows) - n_eval
-        if n_train == 0 or n_eval == 0:
-            raise CurationError(
-                f"curation kept {n_train} train and {n_eval} eval images; need at least one of each "
-                "(add images or change data.eval_fraction)"
-            )
+        for r in rows:
+            _place(_stored_png(work, r.sha256), tmp / r.stored_path)
         write_manifest(tmp / MANIFEST_FILE, rows)
-        reasons = Counter(r["reason"] for r in rejected + duplicates)
+        reasons = Counter(r["reason"] for r in rejected + duplicates + subsampled)
         per_source = {
-            s.name: {
-                "seen": sum(1 for src, _, _ in files if src.name == s.name),
-                "kept": sum(r.source == s.name for r in rows),
-                "rejected": sum(r["source"] == s.name for r in rejected),
-                "duplicates": sum(r["source"] == s.name for r in duplicates),
+            n: {
+                "weight": params.sources[i].weight,
+                "seen": seen[n],
+                "kept": sum(r.source == n for r in rows),
+                "rejected": sum(r["source"] == n for r in rejected),
+                "duplicates": sum(r["source"] == n for r in duplicates),
+                "subsampled": sum(r["source"] == n for r in subsampled),
             }
-            for s in params.sources
+            for i, n in enumerate(names)
         }
         atomic.write_json(
             tmp / REPORT_FILE,
@@ -122,16 +335,27 @@ def curate(params: DataParams, out_dir: str | Path) -> CurateResult:
                 "eval": n_eval,
                 "rejected": len(rejected),
                 "duplicates": len(duplicates),
+                "subsampled": len(subsampled),
                 "per_source": per_source,
                 "per_reason": dict(sorted(reasons.items())),
-                "rejected_files": sorted(rejected, key=lambda r: r["location"]),
-                "duplicate_files": sorted(duplicates, key=lambda r: r["location"]),
+                "rejected_files": sorted(rejected, key=lambda r: (r["location"], r["source"])),
+                "duplicate_files": sorted(duplicates, key=lambda r: (r["location"], r["source"])),
+                "subsampled_files": sorted(subsampled, key=lambda r: (r["location"], r["source"])),
             },
         )
         provenance.write_run_info(tmp, "curate", {"data": params})
     console.print(
         f"curate: kept {len(rows)} ({n_train} train / {n_eval} eval), "
         f"rejected {len(rejected)} {dict(sorted(Counter(r['reason'] for r in rejected).items()))}, "
-        f"duplicates {len(duplicates)}"
+        f"duplicates {len(duplicates)}, subsampled {len(subsampled)}; "
+        f"shards {n_done} processed, {n_reused} reused from {work}"
     )
-    return CurateResult(out_dir, n_train, n_eval, len(rejected), len(duplicates))
+    return CurateResult(out_dir, n_train, n_eval, len(rejected), len(duplicates), len(subsampled), n_done, n_reused)
+
+
+def _place(src: Path, dst: Path) -> None:
+    """Hard-link the normalised PNG from the work dir (same content, no copy); copy across devices."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)

@@ -1,13 +1,15 @@
-"""Decode, validate and normalise one image to 8-bit RGB."""
+"""Decode, validate and normalise one image to 8-bit sRGB."""
 
 from __future__ import annotations
 
+import io
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageCms, ImageOps
 
 from vaeft.errors import VaeftError
 
@@ -27,6 +29,9 @@ class ImageLimits:
     max_pixels: int
 
 
+_SRGB = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
+
+
 def to_rgb(img: Image.Image) -> Image.Image:
     """Any Pillow mode -> 8-bit RGB; transparency is composited on white."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
@@ -44,33 +49,66 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def load_rgb(path: str | Path, limits: ImageLimits) -> Image.Image:
-    """Open, check and fully decode ``path``; raise :class:`ImageRejected` with a reason code."""
-    path = Path(path)
+def to_srgb(img: Image.Image) -> Image.Image:
+    """Apply an embedded ICC profile (RGB, CMYK or gray) so pixels are sRGB.
+
+    A broken or mismatched profile is ignored rather than rejecting the image: scraped files
+    carry plenty of junk profiles and their pixels are usually fine as they are.
+    """
+    icc = img.info.get("icc_profile")
+    if not icc or img.mode not in ("RGB", "RGBA", "CMYK", "L"):
+        return img
     try:
-        size = path.stat().st_size
-    except OSError as exc:
-        raise ImageRejected("unreadable", str(exc)) from None
+        src = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+        out_mode = "RGBA" if img.mode == "RGBA" else "RGB"
+        converted = ImageCms.profileToProfile(img, src, _SRGB, outputMode=out_mode)
+    except (ImageCms.PyCMSError, OSError, ValueError, TypeError):
+        return img
+    return converted if converted is not None else img
+
+
+def _open(data: bytes | Path) -> Image.Image:
+    return Image.open(io.BytesIO(data) if isinstance(data, bytes) else data)
+
+
+def load_rgb(src: str | Path | bytes, limits: ImageLimits) -> Image.Image:
+    """Open, check and fully decode ``src`` (a path or the file's bytes).
+
+    Returns 8-bit sRGB; raises :class:`ImageRejected` with a reason code.
+    """
+    if isinstance(src, bytes):
+        size = len(src)
+    else:
+        src = Path(src)
+        try:
+            size = src.stat().st_size
+        except OSError as exc:
+            raise ImageRejected("unreadable", str(exc)) from None
     if size == 0:
         raise ImageRejected("empty_file")
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
-            img = Image.open(path)
+            img = _open(src)
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
             raise ImageRejected("too_many_pixels", str(exc)) from None
         except (OSError, ValueError, SyntaxError) as exc:
-            raise ImageRejected("not_an_image", str(exc)) from None
+            # Pillow names the BytesIO object (a memory address): keep reports reproducible.
+            raise ImageRejected("not_an_image", re.sub(r" <_io\.BytesIO object at 0x[0-9a-f]+>", "", str(exc))) from None
     with img:
         w, h = img.size
         if w * h > limits.max_pixels:  # checked from the header, before decoding
             raise ImageRejected("too_many_pixels", f"{w}x{h} > {limits.max_pixels} pixels")
         try:
+            # Animated files: the first frame is the image; later frames are not decoded.
             img.load()
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as exc:
             raise ImageRejected("truncated_or_corrupt", str(exc)) from None
-        img = ImageOps.exif_transpose(img)
-        rgb = to_rgb(img)
+        try:
+            img = ImageOps.exif_transpose(img)
+        except (OSError, ValueError, SyntaxError, KeyError, TypeError):
+            pass  # unparsable EXIF: keep the stored orientation
+        rgb = to_rgb(to_srgb(img))
     w, h = rgb.size
     if min(w, h) < limits.min_side:
         raise ImageRejected("too_small", f"{w}x{h}, min side {limits.min_side}")

@@ -26,6 +26,7 @@ class ManifestRow:
     height: int
     source: str
     split: str
+    phash: str = ""  # 64-bit DCT perceptual hash, hex (empty in manifests from before it existed)
 
 
 _SCHEMA = pa.schema(
@@ -50,7 +51,8 @@ def read_manifest(path: str | Path, split: str | None = None) -> list[ManifestRo
         path = path / MANIFEST_FILE
     if not path.exists():
         raise FileNotFoundError(f"no manifest at {path} (run `vaeft curate` first)")
-    rows = [ManifestRow(**r) for r in pq.read_table(path).to_pylist()]
+    names = {f.name for f in fields(ManifestRow)}
+    rows = [ManifestRow(**{k: v for k, v in r.items() if k in names}) for r in pq.read_table(path).to_pylist()]
     if split is not None:
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r} (expected one of {SPLITS})")
