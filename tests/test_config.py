@@ -69,7 +69,7 @@ def test_unknown_loss_name(tiny_raw):
     tiny_raw["train"]["ema"]["loss"] = {"l3": 1.0}
     msg = _error(tiny_raw)
     assert "train.ema.loss.l3 = 1.0: unknown key" in msg
-    assert "l1, mse, lpips" in msg
+    assert "l1, mse, oklab_l1, oklab_mse, lpips" in msg
 
 
 def test_loss_needs_a_term(tiny_raw):
