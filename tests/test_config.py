@@ -69,12 +69,12 @@ def test_unknown_loss_name(tiny_raw):
     tiny_raw["train"]["ema"]["loss"] = {"l3": 1.0}
     msg = _error(tiny_raw)
     assert "train.ema.loss.l3 = 1.0: unknown key" in msg
-    assert "l1, mse, lpips" in msg
+    assert "l1, mse, oklab_l1, oklab_mse, lpips" in msg
 
 
 def test_loss_needs_a_term(tiny_raw):
     tiny_raw["train"]["ema"]["loss"] = {"l1": 0.0}
-    assert "at least one of l1, mse, lpips must be > 0" in _error(tiny_raw)
+    assert "at least one of l1, mse, oklab_l1, oklab_mse, lpips must be > 0" in _error(tiny_raw)
 
 
 def test_finetune_must_be_decoder_only(tiny_raw):

@@ -185,37 +185,80 @@ class ModelParams(_Strict):
 
 
 class LossParams(_Strict):
-    """Weights of the reconstruction loss terms (0 switches a term off)."""
+    """Weights of the reconstruction loss terms (0 switches a term off) and how they are reduced."""
 
     l1: NonNegativeFloat = 0.0
     mse: NonNegativeFloat = 0.0
+    # Furception: L1 / MSE after sRGB -> linear -> Oklab.
+    oklab_l1: NonNegativeFloat = 0.0
+    oklab_mse: NonNegativeFloat = 0.0
+    # LPIPS needs its ImageNet backbone in the weight store (`vaeft weights pull lpips-vgg`).
     lpips: NonNegativeFloat = 0.0
+    lpips_net: Literal["vgg", "alex"] = "vgg"
     # KL to N(0, I); only meaningful when the encoder trains (pretrain).
     kl: NonNegativeFloat = 0.0
+    # "sum": LDM's nll summed over C x H x W and divided by the batch; "mean": averaged.
+    reduction: Literal["mean", "sum"] = "mean"
+    # nll = rec / exp(logvar) + logvar. LDM initialises logvar to 0 and never optimises it.
+    logvar_init: float = 0.0
+    learn_logvar: bool = False
 
     @model_validator(mode="after")
     def _some_term(self) -> LossParams:
-        if not any((self.l1, self.mse, self.lpips)):
-            raise ValueError("at least one of l1, mse, lpips must be > 0")
+        if not any((self.l1, self.mse, self.oklab_l1, self.oklab_mse, self.lpips)):
+            raise ValueError("at least one of l1, mse, oklab_l1, oklab_mse, lpips must be > 0")
         return self
+
+
+class GanParams(_Strict):
+    """The adversarial term: LDM's hinge PatchGAN or Furception's WGAN-GP LayerNorm critic."""
+
+    kind: Literal["patchgan", "wgan-gp"] = "patchgan"
+    # The GAN (generator term and D steps) is off before this step (LDM's config: 50,001).
+    disc_start: NonNegativeInt = 0
+    disc_weight: NonNegativeFloat = 0.5
+    disc_factor: NonNegativeFloat = 1.0
+    # d_w = ||grad nll|| / (||grad g|| + 1e-4) at decoder.conv_out.weight; off: d_w = 1.
+    adaptive_weight: bool = True
+    ndf: PositiveInt = 64
+    n_layers: PositiveInt = 3
+    # None: the generator's lr and betas.
+    lr: PositiveFloat | None = None
+    betas: tuple[float, float] | None = None
+    gp_weight: NonNegativeFloat = 10.0  # wgan-gp only
+
+    @property
+    def norm(self) -> Literal["batch", "layer"]:
+        return "batch" if self.kind == "patchgan" else "layer"
 
 
 class TrainPhaseParams(_Strict):
     steps: PositiveInt
+    # Per process and micro-batch: global batch = batch_size x accumulate x world size.
     batch_size: PositiveInt = 8
+    accumulate: PositiveInt = 1
     lr: PositiveFloat = 1e-4
     betas: tuple[float, float] = (0.5, 0.9)
     weight_decay: NonNegativeFloat = 0.0
     grad_clip: PositiveFloat | None = 1.0
     loss: LossParams
+    gan: GanParams | None = None
     # What trains: the decoder side only (decoder + post_quant_conv), or everything (pretrain).
     trainable: Literal["decoder", "all"] = "decoder"
+    # Autocast dtype; weights, optimizer state and EMA stay fp32. fp16 adds a GradScaler.
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    gradient_checkpointing: bool = False
+    compile: bool = False
+    channels_last: bool = False
     # Export the EMA of the trained weights (the released ft-EMA/ft-MSE weights are EMA).
     ema: bool = True
     ema_decay: float = Field(default=0.9999, ge=0.0, lt=1.0)
     checkpoint_every: PositiveInt = 100
     keep_checkpoints: PositiveInt = 2
     log_every: PositiveInt = 10
+    # Reconstruction grid of fixed eval images every N steps, beside the log (0: never).
+    image_every: NonNegativeInt = 0
+    image_count: PositiveInt = 4
     num_workers: NonNegativeInt = 0
 
     @field_validator("betas")
@@ -224,6 +267,13 @@ class TrainPhaseParams(_Strict):
         if not all(0.0 <= b < 1.0 for b in v):
             raise ValueError("betas must each be in [0, 1)")
         return v
+
+    @model_validator(mode="after")
+    def _gan_fits(self) -> TrainPhaseParams:
+        if self.gan is not None and self.gan.kind == "patchgan" and self.batch_size < 2:
+            raise ValueError("gan.kind 'patchgan' uses BatchNorm and needs batch_size >= 2 per process "
+                             "(batch statistics of one image are degenerate); use 'wgan-gp' or a larger batch")
+        return self
 
 
 def _default_pretrain() -> TrainPhaseParams:

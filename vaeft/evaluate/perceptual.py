@@ -61,6 +61,39 @@ def _load_backbone(net: torch.nn.Module, weights_file: Path, tv_name: str) -> No
             f"{weights_file}: not a torchvision {tv_name} state dict ({str(err).splitlines()[0]})") from None
 
 
+def build_lpips(net: str, weights_file: str | Path) -> torch.nn.Module:
+    """A frozen ``lpips.LPIPS`` (eval mode) whose backbone holds the weights of ``weights_file``.
+
+    Shared by the metric (here) and the training loss (:mod:`vaeft.losses.lpips`), so both see
+    the same network. Frozen means no parameter gradient; gradients still flow to the inputs.
+    """
+    if net not in LPIPS_NETS:
+        raise ValueError(f"unknown LPIPS net {net!r} (expected one of {', '.join(LPIPS_NETS)})")
+    ensure_torchvision()
+    import lpips
+
+    model = lpips.LPIPS(pretrained=True, net=net, pnet_rand=True, verbose=False).eval()
+    _load_backbone(model.net, Path(weights_file), {"vgg": "vgg16", "alex": "alexnet"}[net])
+    model.requires_grad_(False)
+    return model
+
+
+def lpips_distance(model: torch.nn.Module, x0: torch.Tensor, x1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-image (LPIPS, PSIM candidate) of float images in [-1, 1], in fp32 with the eps-safe norm.
+
+    Differentiable in both inputs; callers that only measure wrap it in ``no_grad``.
+    """
+    with torch.autocast(device_type=x0.device.type, enabled=False):
+        f0, f1 = model.net(model.scaling_layer(x0.float())), model.net(model.scaling_layer(x1.float()))
+        lp = x0.new_zeros(x0.shape[0], dtype=torch.float32)
+        ps = x0.new_zeros(x0.shape[0], dtype=torch.float32)
+        for k in range(model.L):
+            d = (normalize_features(f0[k]) - normalize_features(f1[k])).square()
+            lp = lp + model.lins[k](d).mean(dim=(1, 2, 3))
+            ps = ps + d.sum(dim=1).mean(dim=(1, 2))
+    return lp, ps
+
+
 @dataclass
 class PerceptualResult:
     lpips: torch.Tensor  # N
@@ -74,26 +107,11 @@ class Perceptual(torch.nn.Module):
         super().__init__()
         if net not in LPIPS_NETS:
             raise ValueError(f"unknown LPIPS net {net!r} (expected one of {', '.join(LPIPS_NETS)})")
-        ensure_torchvision()
-        import lpips
-
         self.net_name = net
-        self.model = lpips.LPIPS(pretrained=True, net=net, pnet_rand=True, verbose=False).eval()
-        _load_backbone(self.model.net, Path(weights_file), {"vgg": "vgg16", "alex": "alexnet"}[net])
-        self.model.requires_grad_(False)
+        self.model = build_lpips(net, weights_file)
 
     @torch.no_grad()
     def forward(self, ref: torch.Tensor, test: torch.Tensor) -> PerceptualResult:
         """Per-image LPIPS (and for VGG the PSIM candidate) of uint8 N x 3 x H x W images, fp32."""
-        m = self.model
-        x0 = m.scaling_layer(ref.float() / 127.5 - 1.0)
-        x1 = m.scaling_layer(test.float() / 127.5 - 1.0)
-        with torch.autocast(device_type=x0.device.type, enabled=False):
-            f0, f1 = m.net(x0), m.net(x1)
-            lp = x0.new_zeros(x0.shape[0])
-            ps = x0.new_zeros(x0.shape[0])
-            for k in range(m.L):
-                d = (normalize_features(f0[k]) - normalize_features(f1[k])).square()
-                lp = lp + m.lins[k](d).mean(dim=(1, 2, 3))
-                ps = ps + d.sum(dim=1).mean(dim=(1, 2))
+        lp, ps = lpips_distance(self.model, ref.float() / 127.5 - 1.0, test.float() / 127.5 - 1.0)
         return PerceptualResult(lpips=lp, psim_candidate=ps if self.net_name == "vgg" else None)

@@ -3,12 +3,15 @@
 Decoder-only phases run the frozen encoder under ``no_grad`` and sample z = mean + std * eps
 fresh every step (as LDM trained). The phase's output is a diffusers folder of the EMA weights
 (or the raw weights when ``ema`` is off), plus a CSV log DVC can plot.
+
+One optimizer step = ``accumulate`` micro-batches of ``batch_size`` on each of the torchrun
+ranks; micro-batch i of rank r is a pure function of (seed, i, r), so resume is exact. Only
+rank 0 writes checkpoints, logs and the model. Helpers: :mod:`.distributed`, :mod:`.precision`,
+:mod:`.gan`, :mod:`.logs`.
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 import time
 from dataclasses import dataclass
@@ -23,19 +26,29 @@ from vaeft.console import banner, console, progress
 from vaeft.data.loader import to_model_range, train_batches
 from vaeft.data.manifest import MANIFEST_FILE
 from vaeft.errors import VaeftError
+from vaeft.hashing import tree_sha256
 from vaeft.losses.reconstruction import ReconstructionLoss
 from vaeft.model.build import build_autoencoder
 from vaeft.model.freeze import configure_trainable
 from vaeft.model.io import load_with_architecture, save_diffusers
-from vaeft.hashing import tree_sha256
+from vaeft.train import distributed as dist_
 from vaeft.train.checkpoint import CheckpointStore, fingerprint
 from vaeft.train.ema import Ema
+from vaeft.train.gan import GanTrainer
+from vaeft.train.logs import ReconstructionGrids, log_csv, memory_mb, print_row, tensorboard_writer
+from vaeft.train.precision import autocast, grad_scaler
 
 PHASES = ("pretrain", "ema", "mse")
 MAX_CONSECUTIVE_NONFINITE = 20
+# The decoder's last layer, where LDM takes the gradients of its adaptive GAN weight.
+LAST_LAYER = "decoder.conv_out.weight"
 
 
 class NonFiniteError(VaeftError, RuntimeError):
+    pass
+
+
+class ReplicaMismatchError(VaeftError, RuntimeError):
     pass
 
 
@@ -60,15 +73,21 @@ def phase_params(params: Params, phase: str) -> TrainPhaseParams:
     return getattr(params.train, phase)
 
 
-def _log_csv(rows: list[dict[str, float]]) -> str:
-    fields: list[str] = []
-    for r in rows:
-        fields.extend(k for k in r if k not in fields)
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    return buf.getvalue()
+def build_loss(cfg: TrainPhaseParams) -> ReconstructionLoss:
+    """The phase's loss; with LPIPS on, its backbone must be in the weight store (else
+    MissingWeightsError naming `vaeft weights pull lpips-NET`) - checked before any training."""
+    lpips = None
+    if cfg.loss.lpips > 0:
+        from vaeft.losses.lpips import load_lpips_loss
+
+        lpips = load_lpips_loss(cfg.loss.lpips_net)
+    return ReconstructionLoss(cfg.loss, lpips)
+
+
+def _mean_logs(acc: dict[str, torch.Tensor], logs: dict[str, torch.Tensor], k: int) -> None:
+    for name, v in logs.items():
+        if not name.startswith("_"):
+            acc[name] = acc.get(name, 0.0) + v.detach().float() / k
 
 
 def train_phase(
@@ -86,10 +105,25 @@ def train_phase(
     ``crops_dir``: materialised crops (the ``augment`` stage) to train on instead of online crops.
     """
     cfg = phase_params(params, phase)
-    data_dir, out_dir = Path(data_dir), Path(out_dir)
-    banner(f"train {phase}", f"{cfg.steps} steps, batch {cfg.batch_size}, {cfg.trainable} -> {out_dir}")
-    loss_fn = ReconstructionLoss(cfg.loss)
-    device = pick_device()
+    ctx = dist_.init_distributed()
+    try:
+        return _train(phase, params, cfg, ctx, Path(data_dir), Path(out_dir), init,
+                      Path(log_file) if log_file is not None else None, Path(state_root),
+                      Path(crops_dir) if crops_dir is not None else None)
+    finally:
+        dist_.shutdown(ctx)
+
+
+def _train(phase: str, params: Params, cfg: TrainPhaseParams, ctx: dist_.DistContext, data_dir: Path,
+           out_dir: Path, init: str | Path | None, log_file: Path | None, state_root: Path,
+           crops_dir: Path | None) -> TrainResult:
+    main = ctx.is_main
+    device = ctx.device
+    global_batch = cfg.batch_size * cfg.accumulate * ctx.world_size
+    if main:
+        banner(f"train {phase}", f"{cfg.steps} steps, batch {global_batch} ({cfg.batch_size} x {cfg.accumulate} "
+                                 f"accumulated x {ctx.world_size} processes), {cfg.trainable} -> {out_dir}")
+    loss_fn = build_loss(cfg).to(device)
 
     torch.manual_seed(params.seed)
     if init is None:
@@ -98,14 +132,30 @@ def train_phase(
     else:
         vae = load_with_architecture(init, params.model.architecture)
         init_digest = tree_sha256(init)
+    if cfg.gradient_checkpointing:
+        vae.enable_gradient_checkpointing()
     vae.to(device)
+    if cfg.channels_last:
+        vae.to(memory_format=torch.channels_last)
     named = configure_trainable(vae, cfg.trainable)
-    opt = torch.optim.Adam(named.values(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    g_params = list(named.values())
+    groups: list[dict] = [{"params": g_params}]
+    if cfg.loss.learn_logvar:
+        groups.append({"params": [loss_fn.logvar]})
+        g_params = g_params + [loss_fn.logvar]
+    opt = torch.optim.Adam(groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    gan = GanTrainer(cfg.gan, cfg.lr, cfg.betas, device, params.seed + 2) if cfg.gan is not None else None
+    if gan is not None and LAST_LAYER not in named:
+        raise VaeftError(f"the GAN's adaptive weight needs {LAST_LAYER} to train")
+    last_layer = named.get(LAST_LAYER)
+    scaler = grad_scaler(cfg.precision, device)
     ema = Ema(named, cfg.ema_decay) if cfg.ema else None
-    noise = torch.Generator().manual_seed(params.seed + 1)
+    noise = torch.Generator().manual_seed(params.seed + 1 + 1000 * ctx.rank)
+    if cfg.compile:
+        vae.decoder.compile()  # in place: state-dict keys unchanged
 
     store = CheckpointStore(
-        Path(state_root) / phase,
+        state_root / phase,
         fingerprint(
             phase=phase,
             train=cfg.model_dump(mode="json"),
@@ -114,52 +164,101 @@ def train_phase(
             init=init_digest,
             data=tree_sha256(data_dir / MANIFEST_FILE),
             crops=tree_sha256(Path(crops_dir) / INDEX_FILE) if has_crops(crops_dir) else None,
+            world_size=ctx.world_size,
         ),
         keep=cfg.keep_checkpoints,
     )
     start, skipped, log_rows = 0, 0, []
-    state = store.latest()
+    # Rank 0 looks first: latest() removes a stale run's state, which the others must not race.
+    state = store.latest() if main else None
+    dist_.barrier(ctx)
+    if not main:
+        state = store.latest()
     if state is not None:
         vae.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         if ema is not None:
             ema.load_state_dict(state["ema"])
-        noise.set_state(state["noise_rng"])
+        loss_fn.logvar.data.copy_(state["logvar"])
+        if gan is not None:
+            gan.load_state_dict(state["gan"])
+        scaler.load_state_dict(state["scaler"])
+        noise.set_state(state["noise_rng"][ctx.rank])
         start, skipped, log_rows = state["step"], state["skipped"], list(state["log"])
-        console.print(f"resuming {phase} from step {start} ({store.dir})")
-    console.print(f"loss = {loss_fn.describe()}; LPIPS {'on' if cfg.loss.lpips else 'off (weight 0)'}; device {device}")
+        if main:
+            console.print(f"resuming {phase} from step {start} ({store.dir})")
+    if main:
+        console.print(f"loss = {loss_fn.describe()}; LPIPS {'on' if cfg.loss.lpips else 'off (weight 0)'}; "
+                      f"GAN {cfg.gan.kind + ' from step ' + str(cfg.gan.disc_start) if cfg.gan else 'off'}; "
+                      f"{cfg.precision}; device {device}")
 
+    grids = (ReconstructionGrids(log_file, data_dir, params.augment.crop_size, cfg.image_count)
+             if main and log_file is not None and cfg.image_every else None)
+    tb = tensorboard_writer(log_file) if main else None
     decoder_only = cfg.trainable == "decoder"
     consecutive_bad = 0
     last_loss = math.nan
     t0 = time.perf_counter()
     t_window, n_window = time.perf_counter(), 0
-    loader = train_batches(data_dir, params.augment, params.seed, cfg.batch_size, start, cfg.steps, cfg.num_workers,
-                           crops_dir=crops_dir)
+    acc = cfg.accumulate
+    loader = iter(train_batches(data_dir, params.augment, params.seed, cfg.batch_size, start * acc, cfg.steps * acc,
+                                cfg.num_workers, rank=ctx.rank, world_size=ctx.world_size, crops_dir=crops_dir))
     with progress() as bar:
-        task = bar.add_task(f"train {phase}", total=cfg.steps, completed=start, info="")
-        for step, batch in enumerate(loader, start=start):
-            x = to_model_range(batch, device)
-            if decoder_only:
-                with torch.no_grad():
-                    posterior = vae.encode(x).latent_dist
-            else:
-                posterior = vae.encode(x).latent_dist
-            z = posterior.sample(generator=noise)
-            x_hat = vae.decode(z).sample
-            kl = posterior.kl() if (cfg.loss.kl > 0 and not decoder_only) else None
-            loss, logs = loss_fn(x, x_hat, kl)
+        task = bar.add_task(f"train {phase}", total=cfg.steps, completed=start, info="", visible=main)
+        for step in range(start, cfg.steps):
+            gan_on = gan is not None and gan.active(step)
+            ok, logs = True, {}
             opt.zero_grad(set_to_none=True)
-            ok = torch.isfinite(loss).item()
+            if gan is not None:
+                gan.opt.zero_grad(set_to_none=True)
+            for _ in range(acc):
+                # Every micro-batch is drawn even after a bad one, so the data stay aligned with the step.
+                x = to_model_range(next(loader), device)
+                if cfg.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                with autocast(cfg.precision, device):
+                    with torch.set_grad_enabled(not decoder_only):
+                        posterior = vae.encode(x).latent_dist
+                    z = posterior.sample(generator=noise)
+                    x_hat = vae.decode(z).sample
+                kl = posterior.kl() if (cfg.loss.kl > 0 and not decoder_only) else None
+                loss, micro = loss_fn(x, x_hat, kl)
+                if gan_on:
+                    with autocast(cfg.precision, device):
+                        g_term, g_logs = gan.generator_term(x_hat, micro["_nll"], last_layer, step)
+                    loss = loss + g_term
+                    micro.update(g_logs)
+                    micro["loss"] = loss.detach()
+                ok = dist_.all_true(ctx, ok and bool(torch.isfinite(loss).item()))
+                if not ok:
+                    continue
+                scaler.scale(loss / acc).backward()
+                if gan_on:
+                    with autocast(cfg.precision, device):
+                        d_loss, d_logs = gan.discriminator_loss(x, x_hat, step)
+                    micro.update(d_logs)
+                    scaler.scale(d_loss / acc).backward()
+                _mean_logs(logs, micro, acc)
+            grad_norm = torch.tensor(math.nan)
             if ok:
-                loss.backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_(named.values(), cfg.grad_clip or math.inf)
-                ok = torch.isfinite(grad_norm).item()
+                dist_.average_gradients(ctx, g_params)
+                scaler.unscale_(opt)
+                grad_norm = torch.nn.utils.clip_grad_norm_(g_params, cfg.grad_clip or math.inf)
+                ok = bool(torch.isfinite(grad_norm).item())
+                if gan_on:
+                    dist_.average_gradients(ctx, gan.disc.parameters())
+                    scaler.unscale_(gan.opt)
+                    d_norm = torch.nn.utils.clip_grad_norm_(gan.disc.parameters(), math.inf)
+                    ok = ok and bool(torch.isfinite(d_norm).item())
+                    logs["d_grad_norm"] = d_norm
             if not ok:
+                if scaler.is_enabled() and grad_norm.isfinite().logical_not().item():
+                    scaler.update()  # fp16 overflow: lower the scale, as GradScaler would
                 skipped += 1
                 consecutive_bad += 1
                 opt.zero_grad(set_to_none=True)
-                console.print(f"[yellow]step {step}: non-finite loss or gradient, step skipped[/]")
+                if main:
+                    console.print(f"[yellow]step {step}: non-finite loss or gradient, step skipped[/]")
                 if consecutive_bad >= MAX_CONSECUTIVE_NONFINITE:
                     raise NonFiniteError(
                         f"{phase}: {consecutive_bad} consecutive non-finite steps at step {step}; "
@@ -168,44 +267,82 @@ def train_phase(
                 bar.update(task, advance=1)
                 continue
             consecutive_bad = 0
-            opt.step()
+            scaler.step(opt)
+            if gan_on:
+                scaler.step(gan.opt)
+                dist_.average_buffers(ctx, gan.disc)
+            scaler.update()
             if ema is not None:
                 ema.update(named)
-            last_loss = logs["loss"]
-            n_window += x.shape[0]
+            n_window += cfg.batch_size * acc * ctx.world_size
             done = step + 1
             if done % cfg.log_every == 0 or done == cfg.steps:
+                last_loss = float(logs["loss"])
                 now = time.perf_counter()
-                row = {"step": done, **logs, "grad_norm": float(grad_norm), "lr": cfg.lr,
-                       "img_per_s": n_window / max(now - t_window, 1e-9)}
-                log_rows.append(row)
+                row = {"step": done, **{k: float(v) for k, v in logs.items()}, "grad_norm": float(grad_norm),
+                       "lr": cfg.lr, "img_per_s": n_window / max(now - t_window, 1e-9), "mem_mb": memory_mb(device)}
                 t_window, n_window = now, 0
+                if main:
+                    log_rows.append(row)
+                    print_row(phase, row)
+                    if tb is not None:
+                        for k, v in row.items():
+                            if k != "step":
+                                tb.add_scalar(f"{phase}/{k}", v, done)
+            if grids is not None and done % cfg.image_every == 0:
+                grids.write(vae, done, device)
             bar.update(task, advance=1, info=f"loss {last_loss:.4f}")
             if done % cfg.checkpoint_every == 0 and done < cfg.steps:
-                store.save(done, {
-                    "model": vae.state_dict(),
-                    "optimizer": opt.state_dict(),
-                    "ema": ema.state_dict() if ema is not None else None,
-                    "noise_rng": noise.get_state(),
-                    "skipped": skipped,
-                    "log": log_rows,
-                })
+                _save_checkpoint(ctx, store, done, vae, opt, ema, loss_fn, gan, scaler, noise, skipped, log_rows)
 
+    digests = dist_.replica_digests(ctx, {**named, **(ema.shadow if ema is not None else {})})
+    if len(set(digests)) != 1:
+        raise ReplicaMismatchError(f"{phase}: the {ctx.world_size} replicas ended different: {digests}")
     if ema is not None:
         ema.copy_to(vae)
-    vae.eval()
-    save_diffusers(vae.to("cpu"), out_dir)
-    provenance.write_run_info(
-        out_dir, f"train-{phase}", {f"train.{phase}": cfg, "augment": params.augment, "model": params.model},
-        init=str(init) if init is not None else None, seed=params.seed, steps=cfg.steps,
-        skipped_steps=skipped, weights="ema" if ema is not None else "raw",
-    )
-    if log_file is not None:
-        atomic.write_text(log_file, _log_csv(log_rows))
-    store.clear()
     seconds = time.perf_counter() - t0
-    console.print(f"train {phase}: {cfg.steps} steps in {seconds:.1f}s, final loss {last_loss:.4f} -> {out_dir}")
+    if main:
+        vae.eval()
+        save_diffusers(vae.to("cpu"), out_dir)
+        provenance.write_run_info(
+            out_dir, f"train-{phase}", {f"train.{phase}": cfg, "augment": params.augment, "model": params.model},
+            init=str(init) if init is not None else None, seed=params.seed, steps=cfg.steps,
+            skipped_steps=skipped, weights="ema" if ema is not None else "raw",
+            world_size=ctx.world_size, global_batch=global_batch, replica_sha256=digests,
+        )
+        if log_file is not None:
+            atomic.write_text(log_file, log_csv(log_rows))
+        if tb is not None:
+            tb.close()
+        store.clear()
+        console.print(f"train {phase}: {cfg.steps} steps in {seconds:.1f}s, final loss {last_loss:.4f}, "
+                      f"{ctx.world_size} replica(s) identical -> {out_dir}")
+    dist_.barrier(ctx)
     return TrainResult(phase, out_dir, cfg.steps, start, skipped, last_loss, seconds)
+
+
+def _save_checkpoint(ctx, store, step, vae, opt, ema, loss_fn, gan, scaler, noise, skipped, log_rows) -> None:
+    """Every rank's sampling noise state goes into rank 0's file; only rank 0 writes."""
+    noise_states = [noise.get_state()]
+    if ctx.enabled:
+        import torch.distributed as dist
+
+        gathered: list = [None] * ctx.world_size
+        dist.all_gather_object(gathered, noise.get_state())
+        noise_states = gathered
+    if ctx.is_main:
+        store.save(step, {
+            "model": vae.state_dict(),
+            "optimizer": opt.state_dict(),
+            "ema": ema.state_dict() if ema is not None else None,
+            "logvar": loss_fn.logvar.detach().cpu(),
+            "gan": gan.state_dict() if gan is not None else None,
+            "scaler": scaler.state_dict(),
+            "noise_rng": noise_states,
+            "skipped": skipped,
+            "log": log_rows,
+        })
+    dist_.barrier(ctx)
 
 
 def prepare_base(

@@ -1,0 +1,52 @@
+"""Adversarial terms: hinge (LDM) and WGAN-GP (Furception) losses, and LDM's adaptive weight.
+
+The adaptive weight d_w = ‖∇nll‖ / (‖∇g‖ + 1e-4), both gradients taken at the decoder's last
+layer, balances the GAN gradient against the reconstruction gradient whatever their scales. It
+is computed in fp32 (half precision overflows the norms: inf/NaN, a peer bug), clamped to
+[0, 1e4], detached (it is a weight, not something to optimise) and multiplied by disc_weight.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+ADAPTIVE_EPS = 1e-4
+ADAPTIVE_MAX = 1e4
+
+
+def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (F.relu(1.0 - logits_real.float()).mean() + F.relu(1.0 + logits_fake.float()).mean())
+
+
+def wgan_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
+    return logits_fake.float().mean() - logits_real.float().mean()
+
+
+def generator_loss(logits_fake: torch.Tensor) -> torch.Tensor:
+    """g = -mean D(x̂), for both the hinge GAN (as LDM) and the WGAN critic."""
+    return -logits_fake.float().mean()
+
+
+def gradient_penalty(critic: torch.nn.Module, real: torch.Tensor, fake: torch.Tensor,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+    """Gulrajani et al.: mean over samples of (‖∇_x̃ D(x̃)‖₂ - 1)², x̃ on random real-fake lines."""
+    alpha = torch.rand(real.shape[0], 1, 1, 1, generator=generator, device="cpu").to(real)
+    mixed = (alpha * real.detach() + (1.0 - alpha) * fake.detach()).requires_grad_(True)
+    out = critic(mixed)
+    (grad,) = torch.autograd.grad(out.float().sum(), mixed, create_graph=True)
+    return (grad.float().flatten(1).norm(dim=1) - 1.0).square().mean()
+
+
+def adaptive_weight(nll: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor,
+                    disc_weight: float) -> torch.Tensor:
+    """disc_weight · clamp(‖∇nll‖ / (‖∇g‖ + 1e-4), 0, 1e4) at ``last_layer``, fp32 and detached."""
+    (nll_grad,) = torch.autograd.grad(nll, last_layer, retain_graph=True)
+    (g_grad,) = torch.autograd.grad(g_loss, last_layer, retain_graph=True)
+    d_weight = nll_grad.float().norm() / (g_grad.float().norm() + ADAPTIVE_EPS)
+    return (d_weight.clamp(0.0, ADAPTIVE_MAX) * disc_weight).detach()
+
+
+def disc_factor(step: int, disc_start: int, factor: float = 1.0) -> float:
+    """LDM's ``adopt_weight``: 0 before ``disc_start`` (the GAN is off), ``factor`` from then on."""
+    return factor if step >= disc_start else 0.0

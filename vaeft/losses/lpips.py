@@ -1,0 +1,43 @@
+"""LPIPS as a training loss: frozen network, gradient to the decoder's output.
+
+The network and its fp32, eps-safe feature normalisation are the evaluation metric's
+(:mod:`vaeft.evaluate.perceptual`), so training and evaluation measure the same thing. The
+backbone comes from the weight store only: without it :func:`load_lpips_loss` raises
+:class:`~vaeft.weights.MissingWeightsError` naming ``vaeft weights pull lpips-NET``, before any
+training starts — a random backbone would train the decoder towards nothing.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from vaeft.evaluate.perceptual import LPIPS_NETS, build_lpips, lpips_distance
+from vaeft.weights import require
+
+
+class LpipsLoss(torch.nn.Module):
+    def __init__(self, net: str, weights_file: str | Path) -> None:
+        super().__init__()
+        self.net_name = net
+        self.model = build_lpips(net, weights_file)
+
+    def train(self, mode: bool = True) -> LpipsLoss:
+        # Always eval: lpips has dropout in its linear heads (use_dropout=True), and a loss that
+        # changed with the caller's train()/eval() would not be a fixed measure.
+        super().train(mode)
+        self.model.eval()
+        return self
+
+    def forward(self, x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+        """Per-image LPIPS of images in [-1, 1], shape N x 1 x 1 x 1 (broadcasts per pixel), fp32."""
+        lp, _ = lpips_distance(self.model, x, x_hat)
+        return lp.view(-1, 1, 1, 1)
+
+
+def load_lpips_loss(net: str = "vgg") -> LpipsLoss:
+    """The LPIPS loss on the store's ImageNet backbone; raises MissingWeightsError without it."""
+    if net not in LPIPS_NETS:
+        raise ValueError(f"unknown LPIPS net {net!r} (expected one of {', '.join(LPIPS_NETS)})")
+    return LpipsLoss(net, require(LPIPS_NETS[net]))

@@ -1,0 +1,110 @@
+"""One code path for 1 and N processes: torchrun's RANK / WORLD_SIZE / LOCAL_RANK, or none.
+
+Data parallel by hand rather than through ``DistributedDataParallel``: the adaptive GAN weight
+takes ``torch.autograd.grad`` at the decoder's last layer, which DDP's gradient hooks neither see
+nor tolerate well, and gradient accumulation would need ``no_sync``. Instead every rank computes
+its local gradients and they are averaged with one flattened all-reduce per optimizer step
+(what DDP does, minus bucketing overlap). Identical initial weights + identical averaged
+gradients keep the replicas identical, which :func:`replica_digests` checks at the end.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistContext:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed() -> DistContext:
+    """Join the process group torchrun set up (NCCL on GPU, gloo on CPU); single process otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", local) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if cuda else "gloo", rank=rank, world_size=world)
+    return DistContext(rank, world, local, device)
+
+
+def shutdown(ctx: DistContext) -> None:
+    if ctx.enabled and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(ctx: DistContext) -> None:
+    if ctx.enabled:
+        dist.barrier()
+
+
+def all_true(ctx: DistContext, flag: bool) -> bool:
+    """True only if ``flag`` is true on every rank (so all ranks skip or take a step together)."""
+    if not ctx.enabled:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=ctx.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item() > 0)
+
+
+def average_gradients(ctx: DistContext, params: Iterable[torch.nn.Parameter]) -> None:
+    """Average ``.grad`` over ranks in one flattened all-reduce (missing grads count as zero)."""
+    if not ctx.enabled:
+        return
+    params = [p for p in params if p.requires_grad]
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    flat = torch.cat([p.grad.reshape(-1).float() for p in params])
+    dist.all_reduce(flat)
+    flat /= ctx.world_size
+    offset = 0
+    for p in params:
+        n = p.numel()
+        p.grad.copy_(flat[offset : offset + n].view_as(p.grad))
+        offset += n
+
+
+def average_buffers(ctx: DistContext, module: torch.nn.Module) -> None:
+    """Average floating buffers (BatchNorm running statistics), which each rank updates locally."""
+    if not ctx.enabled:
+        return
+    for b in module.buffers():
+        if b.is_floating_point():
+            dist.all_reduce(b)
+            b /= ctx.world_size
+
+
+def replica_digests(ctx: DistContext, tensors: dict[str, torch.Tensor]) -> list[str]:
+    """sha256 of this rank's tensors, gathered from every rank (rank order)."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        h.update(name.encode())
+        h.update(tensors[name].detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    mine = h.hexdigest()
+    if not ctx.enabled:
+        return [mine]
+    out: list[str | None] = [None] * ctx.world_size
+    dist.all_gather_object(out, mine)
+    return [str(d) for d in out]

@@ -1,0 +1,74 @@
+"""The discriminator side of a phase: D, its own optimizer, and the G / D adversarial terms.
+
+Per optimizer step the generator gets g = -mean D(x̂) weighted by the adaptive weight, and D
+takes its own step on (x, x̂.detach()) from the same forward pass (LDM recomputes x̂ with the
+updated G for its D step; reusing it saves a decoder forward and changes D's input by one
+generator step). Both terms are gated by ``disc_start``. While the generator term is computed,
+D's parameters do not require grad, so G's backward leaves D's gradients alone.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vaeft.config import GanParams
+from vaeft.losses.adversarial import (
+    adaptive_weight,
+    disc_factor,
+    generator_loss,
+    gradient_penalty,
+    hinge_d_loss,
+    wgan_d_loss,
+)
+from vaeft.losses.discriminator import NLayerDiscriminator
+
+
+class GanTrainer:
+    def __init__(self, cfg: GanParams, g_lr: float, g_betas: tuple[float, float], device: torch.device,
+                 seed: int, in_channels: int = 3) -> None:
+        self.cfg = cfg
+        self.disc = NLayerDiscriminator(in_channels, cfg.ndf, cfg.n_layers, cfg.norm).to(device).train()
+        self.opt = torch.optim.Adam(self.disc.parameters(), lr=cfg.lr or g_lr, betas=cfg.betas or g_betas)
+        # The gradient penalty's interpolation points: its own stream, checkpointed for exact resume.
+        self.rng = torch.Generator().manual_seed(seed)
+
+    def active(self, step: int) -> bool:
+        return disc_factor(step, self.cfg.disc_start, self.cfg.disc_factor) > 0
+
+    def generator_term(self, x_hat: torch.Tensor, nll: torch.Tensor, last_layer: torch.Tensor,
+                       step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        factor = disc_factor(step, self.cfg.disc_start, self.cfg.disc_factor)
+        self.disc.requires_grad_(False)
+        try:
+            g = generator_loss(self.disc(x_hat))
+        finally:
+            self.disc.requires_grad_(True)
+        if self.cfg.adaptive_weight:
+            d_weight = adaptive_weight(nll, g, last_layer, self.cfg.disc_weight)
+        else:
+            d_weight = torch.tensor(self.cfg.disc_weight, device=g.device)
+        return d_weight * factor * g, {"g_loss": g.detach(), "d_weight": d_weight}
+
+    def discriminator_loss(self, x: torch.Tensor, x_hat: torch.Tensor, step: int
+                           ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        factor = disc_factor(step, self.cfg.disc_start, self.cfg.disc_factor)
+        real, fake = x.detach(), x_hat.detach()
+        logits_real, logits_fake = self.disc(real), self.disc(fake)
+        logs = {"logits_real": logits_real.detach().float().mean(), "logits_fake": logits_fake.detach().float().mean()}
+        if self.cfg.kind == "patchgan":
+            loss = hinge_d_loss(logits_real, logits_fake)
+        else:
+            loss = wgan_d_loss(logits_real, logits_fake)
+            gp = gradient_penalty(self.disc, real, fake, self.rng)
+            logs["gp"] = gp.detach()
+            loss = loss + self.cfg.gp_weight * gp
+        logs["d_loss"] = loss.detach()
+        return factor * loss, logs
+
+    def state_dict(self) -> dict:
+        return {"disc": self.disc.state_dict(), "opt": self.opt.state_dict(), "rng": self.rng.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.disc.load_state_dict(state["disc"])
+        self.opt.load_state_dict(state["opt"])
+        self.rng.set_state(state["rng"])

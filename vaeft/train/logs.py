@@ -1,0 +1,74 @@
+"""Training logs: CSV rows (DVC plots), console lines, optional TensorBoard, reconstruction grids.
+
+Only rank 0 logs. TensorBoard is used when its package is installed and silently skipped when
+not (it is an optional extra, not a dependency). Grids show fixed eval images reconstructed from
+the posterior mode, so consecutive grids differ only by the training, and drawing them consumes
+no random numbers (resumed runs stay bit-exact).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import resource
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vaeft.console import console
+
+
+def log_csv(rows: list[dict[str, float]]) -> str:
+    fields: list[str] = []
+    for r in rows:
+        fields.extend(k for k in r if k not in fields)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def memory_mb(device: torch.device) -> float:
+    """Peak accelerator memory, or the process's peak RSS on CPU (Linux reports KiB)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def tensorboard_writer(log_file: Path | None):
+    if log_file is None:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard not installed: CSV + console only
+        return None
+    return SummaryWriter(str(log_file.with_name(log_file.stem + "-tb")))
+
+
+def print_row(phase: str, row: dict[str, float]) -> None:
+    parts = [f"{k} {v:.4g}" for k, v in row.items() if k != "step"]
+    console.print(f"[dim]{phase} step {int(row['step'])}:[/] " + ", ".join(parts))
+
+
+class ReconstructionGrids:
+    """PNG grids of fixed eval images and their reconstructions into ``<log>-images/``."""
+
+    def __init__(self, log_file: Path, data_dir: Path, size: int, count: int) -> None:
+        from vaeft.evaluate.evalset import eval_images
+
+        self.dir = log_file.with_name(log_file.stem + "-images")
+        self.originals = eval_images(data_dir, size)[1][:count]
+
+    @torch.no_grad()
+    def write(self, vae: torch.nn.Module, step: int, device: torch.device) -> Path:
+        from vaeft.evaluate.report import comparison_grid
+
+        x = torch.from_numpy(self.originals).permute(0, 3, 1, 2).to(device).float().div(127.5).sub(1.0)
+        x_hat = vae.decode(vae.encode(x).latent_dist.mode()).sample.float()
+        recon = ((x_hat.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        path = self.dir / f"step-{step:09d}.png"
+        comparison_grid(self.originals, {f"step {step}": np.ascontiguousarray(recon)}).save(path)
+        return path
