@@ -48,14 +48,14 @@ def test_recipes_list_and_apply(tmp_path):
     applied = runner.invoke(app, ["recipe", "apply", "sd-vae-ft", "--out", str(out)])
     assert applied.exit_code == 0 and out.exists()
     shown = runner.invoke(app, ["params", "show", "--params", str(out)])
-    assert "batch_size: 192" in shown.output and "steps: 313198" in shown.output
+    assert "batch_size: 12" in shown.output and "steps: 313198" in shown.output  # 12 per GPU x 16 = 192
 
 
 def test_user_errors_are_one_line(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "vaeft", "recipe", "apply", "nope", "--out", str(tmp_path / "p.yaml")],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
-    assert proc.stderr.strip() == "error: unknown recipe 'nope' (available: sd-vae-ft)"
+    assert proc.stderr.strip() == "error: unknown recipe 'nope' (available: furception, sd-vae-ft, sdxl)"
     proc = subprocess.run([sys.executable, "-m", "vaeft", "evaluate", "-m", "bad"], capture_output=True, text=True,
                           timeout=120, cwd=tmp_path)
     assert proc.returncode == 2 and "expects NAME=PATH" in proc.stderr
