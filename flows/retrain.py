@@ -1,24 +1,32 @@
-"""The ``retrain`` flow: every DVC stage in order (one task each), then publish.
+"""The ``retrain`` flow: every DVC stage in order (one task each), then the ``publish`` flow.
 
-    python -m flows.retrain            # what `make demo` runs
+    python -m flows.retrain                          # what `make demo` runs (no remote, local publish)
+    python -m flows.retrain --dvc-remote storage --s3-bucket B --s3-endpoint-url URL
 
-Params are validated before anything runs, so a bad params.yaml fails in a second, not after
-training. Each stage is skipped when DVC finds it up to date.
+Flow parameters are validated (:class:`flows.config.FlowConfig`) and params are validated before
+anything runs, so a bad invocation fails in a second, not after training. Each stage is skipped
+when DVC finds it up to date. With ``dvc_remote`` (a remote the user configured with
+``dvc remote add``; credentials from the AWS chain), inputs and the run-cache are pulled first
+and outputs plus the run-cache are pushed after the last stage.
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
 from prefect import flow
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from pydantic import BaseModel
 
-from tasks.dvc_stage import StageResult, pipeline_stages, run_stage
-from tasks.publish import publish_release
-from vaeft.config import ParamsError, load_params
-from vaeft.runtime_env import PROJECT_ROOT
+from flows.config import flow_config
+from flows.publish import PublishSummary, publish
+from tasks.dvc_stage import StageResult, pipeline_stages, pull_inputs, push_outputs, run_stage
+from vaeft import runtime_env
+from vaeft.config import HubPublishParams, ParamsError, S3PublishParams
+
+runtime_env.configure()
 
 
 class RetrainSummary(BaseModel):
@@ -28,45 +36,73 @@ class RetrainSummary(BaseModel):
     published: str
     release: str
     uploaded: bool
+    publish: PublishSummary
 
 
 @flow(name="retrain", log_prints=True)
-def retrain(repo: str | None = None, publish_to: str | None = None) -> RetrainSummary:
+def retrain(repo: str | None = None, publish_to: str | None = None, params_file: str | None = None,
+            recipe: str | None = None, dvc_remote: str | None = None,
+            s3: S3PublishParams | None = None, hub: HubPublishParams | None = None) -> RetrainSummary:
     """Run the DVC pipeline of ``repo`` (default: this checkout) and publish its export."""
-    root = Path(repo) if repo else PROJECT_ROOT
-    params = load_params(root / "params.yaml")
-    target = Path(publish_to or params.publish.target)
-    if not target.is_absolute():
-        target = root / target
+    cfg = flow_config(repo=repo and Path(repo), publish_to=publish_to and Path(publish_to),
+                      params_file=params_file and Path(params_file), recipe=recipe,
+                      dvc_remote=dvc_remote, s3=s3, hub=hub)
+    cfg.apply_params()
+    root = cfg.repo
 
+    if cfg.dvc_remote:
+        pull_inputs(str(root), cfg.dvc_remote)
     results: list[StageResult] = []
     for stage in pipeline_stages(root):
         results.append(run_stage(stage, str(root)))
-    published = publish_release(str(root / "export"), str(target))
+    if cfg.dvc_remote:
+        push_outputs(str(root), cfg.dvc_remote)
 
-    table = root / "reports" / "eval" / "eval_table.md"
+    report = root / "reports" / "eval"
+    table = report / "eval_table.md"
     if table.is_file():
         create_markdown_artifact(key="eval-table", markdown=table.read_text(encoding="utf-8"),
                                  description="Reconstruction metrics on the eval split")
+    grid = report / "comparison_grid.png"
+    if grid.is_file():
+        create_link_artifact(key="comparison-grid", link=grid.resolve().as_uri(),
+                             description="Originals vs reconstructions (DVC out reports/eval)")
+
+    pub = publish(repo=str(root), publish_to=str(cfg.publish_to) if cfg.publish_to else None,
+                  s3=cfg.s3, hub=cfg.hub)
     summary = RetrainSummary(
         repo=str(root),
         stages={r.stage: r.ran for r in results},
         export_dir=str(root / "export"),
-        published=str(published.path),
-        release=published.version,
-        uploaded=published.uploaded,
+        published=pub.local,
+        release=pub.release,
+        uploaded=pub.uploaded,
+        publish=pub,
     )
     ran = [s for s, r in summary.stages.items() if r]
     print(f"stages run: {', '.join(ran) or 'none (all up to date)'}")
     print(f"models (diffusers): {root / 'export'}/<model>/diffusers")
-    print(f"eval report: {root / 'reports' / 'eval'}  metrics: {root / 'metrics' / 'eval.json'}")
-    print(f"published release {published.version}: {published.path}")
+    print(f"eval report: {report}  metrics: {root / 'metrics' / 'eval.json'}")
+    print(f"published release {pub.release}: {pub.local}")
     return summary
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m flows.retrain", description=__doc__.split("\n")[0])
+    ap.add_argument("--repo")
+    ap.add_argument("--params-file")
+    ap.add_argument("--recipe")
+    ap.add_argument("--dvc-remote")
+    ap.add_argument("--publish-to")
+    ap.add_argument("--s3-bucket")
+    ap.add_argument("--s3-prefix", default="vaeft")
+    ap.add_argument("--s3-endpoint-url")
+    args = ap.parse_args(argv)
     try:
-        retrain()
+        s3 = S3PublishParams(bucket=args.s3_bucket, prefix=args.s3_prefix,
+                             endpoint_url=args.s3_endpoint_url) if args.s3_bucket else None
+        retrain(repo=args.repo, params_file=args.params_file, recipe=args.recipe,
+                dvc_remote=args.dvc_remote, publish_to=args.publish_to, s3=s3)
     except ParamsError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -6,17 +6,26 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
 from prefect import task
 from prefect.cache_policies import NO_CACHE
+from prefect.tasks import exponential_backoff
+
+from vaeft.cli import STATUS_FILE_ENV
 
 
 class StageFailed(RuntimeError):
-    pass
+    """A stage failed for a reason that may go away (retried)."""
+
+
+class StageUserError(StageFailed):
+    """The stage's command exited 2: bad params or inputs, the same on every try (not retried)."""
 
 
 @dataclass(frozen=True)
@@ -41,11 +50,12 @@ def dvc_env() -> dict[str, str]:
     return env
 
 
-def dvc(repo: str | Path, *args: str, capture: bool = False) -> subprocess.CompletedProcess:
+def dvc(repo: str | Path, *args: str, capture: bool = False,
+        extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "dvc", *args],
         cwd=repo,
-        env=dvc_env(),
+        env={**dvc_env(), **(extra_env or {})},
         text=True,
         capture_output=capture,
         check=False,
@@ -59,13 +69,37 @@ def stage_is_stale(repo: str | Path, stage: str) -> bool:
     return bool(json.loads(out.stdout or "{}"))
 
 
+def is_infrastructure_failure(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect retry condition: retry anything except a user error (bad params, missing input).
+
+    A user error fails the same way every time; retrying it only delays the red line.
+    """
+    try:
+        state.result()
+    except StageUserError:
+        return False
+    except Exception:  # noqa: BLE001 - everything else may be transient (OOM kill, disk, network)
+        return True
+    return False
+
+
+def _status(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}  # the stage died before writing it (killed, crashed interpreter): infrastructure
+
+
 @task(
     name="dvc-stage",
     task_run_name="{stage}",
-    # Infrastructure hiccups (a killed worker, a full disk freed later) deserve one more try;
-    # params errors never reach here, the flow validates them before any stage runs.
-    retries=1,
-    retry_delay_seconds=10,
+    # Infrastructure failures (a killed worker, a full disk freed later, a flaky remote) get more
+    # tries with growing pauses; user errors are classified by the stage's own exit status below
+    # and never retried.
+    retries=2,
+    retry_delay_seconds=exponential_backoff(backoff_factor=10),
+    retry_jitter_factor=0.5,
+    retry_condition_fn=is_infrastructure_failure,
     # DVC is the cache: Prefect must not short-cut a stage on its own.
     cache_policy=NO_CACHE,
 )
@@ -74,8 +108,42 @@ def run_stage(stage: str, repo: str) -> StageResult:
     if not stage_is_stale(repo, stage):
         print(f"stage {stage}: unchanged, skipped")
         return StageResult(stage, ran=False, seconds=time.perf_counter() - t0)
-    # Output goes straight to the terminal so progress bars stay live.
-    proc = dvc(repo, "repro", "--single-item", stage)
+    with tempfile.TemporaryDirectory(prefix="vaeft-stage-") as tmp:
+        status_file = Path(tmp) / "status.json"
+        # Output goes straight to the terminal so progress bars stay live; the stage's exit status
+        # travels through the status file instead (dvc repro flattens it to 1).
+        proc = dvc(repo, "repro", "--single-item", stage, extra_env={STATUS_FILE_ENV: str(status_file)})
+        status = _status(status_file)
     if proc.returncode != 0:
-        raise StageFailed(f"stage {stage} failed (dvc repro exit code {proc.returncode}); see the output above")
+        msg = (f"stage {stage} failed (dvc repro exit code {proc.returncode}, "
+               f"stage exit {status.get('exit_code', 'unknown')}); see the output above")
+        if status.get("kind") == "user":
+            raise StageUserError(msg)
+        raise StageFailed(msg)
     return StageResult(stage, ran=True, seconds=time.perf_counter() - t0)
+
+
+class RemoteError(RuntimeError):
+    pass
+
+
+def _dvc_checked(repo: str, *args: str) -> str:
+    proc = dvc(repo, *args, capture=True)
+    if proc.returncode != 0:
+        raise RemoteError(f"dvc {' '.join(args)} failed: {(proc.stderr or proc.stdout).strip()[-2000:]}")
+    return proc.stdout
+
+
+@task(name="dvc-pull", retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=5),
+      retry_jitter_factor=0.5, cache_policy=NO_CACHE)
+def pull_inputs(repo: str, remote: str) -> None:
+    """Fetch what the remote already has (outputs and run-cache) so unchanged stages are restored
+    instead of recomputed; a first run against an empty remote finds nothing, which is fine."""
+    _dvc_checked(repo, "pull", "-r", remote, "--run-cache", "--allow-missing")
+
+
+@task(name="dvc-push", retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=5),
+      retry_jitter_factor=0.5, cache_policy=NO_CACHE)
+def push_outputs(repo: str, remote: str) -> None:
+    # --run-cache: another machine with the same deps/params restores stages instead of training.
+    _dvc_checked(repo, "push", "-r", remote, "--run-cache")

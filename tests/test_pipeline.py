@@ -21,14 +21,6 @@ from .conftest import REPO_ROOT, tiny_params_dict
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def prefect_harness():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=180):
-        yield
-
-
 def _git(repo: Path, *args: str) -> None:
     subprocess.run(["git", "-c", "user.name=vaeft-test", "-c", "user.email=test@localhost", *args],
                    cwd=repo, check=True, capture_output=True)

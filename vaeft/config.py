@@ -314,9 +314,27 @@ class ExportParams(_Strict):
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
 
 
+class S3PublishParams(_Strict):
+    # Opt-in S3 (or S3-compatible) target; credentials come only from the AWS chain, never here.
+    bucket: str = Field(min_length=3)
+    prefix: str = "vaeft"
+    endpoint_url: str | None = None  # MinIO, R2, moto...; null: AWS
+    region: str | None = None
+    multipart_threshold_mb: PositiveInt = 64
+
+
+class HubPublishParams(_Strict):
+    # Optional Hugging Face Hub push (token from the HF chain: HF_TOKEN or `huggingface-cli login`).
+    enabled: bool = False
+    repo_prefix: str = ""  # "org/vae-" -> org/vae-ft-mse, org/vae-ft-ema
+    private: bool = True
+
+
 class PublishParams(_Strict):
-    # Local directory that receives published releases (S3 targets come with the publish issue).
+    # Local directory that receives published releases (always; S3/Hub are opt-in extras).
     target: str = "artifacts/published"
+    s3: S3PublishParams | None = None
+    hub: HubPublishParams = Field(default_factory=HubPublishParams)
 
 
 # --------------------------------------------------------------------------- root

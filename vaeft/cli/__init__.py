@@ -6,6 +6,8 @@ Commands live in one module per area; importing a module registers its commands 
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
 
 import click
@@ -18,12 +20,46 @@ from vaeft.cli import stages as _stages  # noqa: F401
 from vaeft.cli import evaluate as _evaluate  # noqa: F401, I001  (after stages: help order)
 from vaeft.cli import weights as _weights  # noqa: F401
 from vaeft.cli.common import app
+from vaeft import atomic
 from vaeft.errors import VaeftError
 
 __all__ = ["app", "main"]
 
 
+STATUS_FILE_ENV = "VAEFT_STATUS_FILE"
+USER_ERROR_EXIT = 2
+
+
+def _record_status(code: int, err: BaseException | None) -> None:
+    """Leave the exit status where an orchestrator can read it.
+
+    ``dvc repro`` reports any failing command as its own exit 1, so the status of our command is
+    lost on the way; the retrain flow reads this file to tell user errors (exit 2, never retried)
+    from infrastructure failures (retried).
+    """
+    target = os.environ.get(STATUS_FILE_ENV)
+    if not target:
+        return
+    kind = "user" if code == USER_ERROR_EXIT else ("ok" if code == 0 else "failure")
+    with contextlib.suppress(OSError):
+        atomic.write_json(target, {"exit_code": code, "kind": kind,
+                                   "error": type(err).__name__ if err else None})
+
+
 def main(argv: list[str] | None = None) -> None:
+    try:
+        _main(argv)
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        _record_status(code, exc.__context__)
+        raise
+    except BaseException as err:
+        _record_status(1, err)
+        raise
+    _record_status(0, None)
+
+
+def _main(argv: list[str] | None) -> None:
     try:
         # With standalone_mode=False click returns typer.Exit's code instead of raising it.
         rc = app(args=argv, standalone_mode=False)

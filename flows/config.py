@@ -1,0 +1,72 @@
+"""Validated flow parameters: a bad flow invocation fails before any stage or upload runs."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from vaeft.config import HubPublishParams, Params, ParamsError, S3PublishParams, load_params
+from vaeft.runtime_env import PROJECT_ROOT
+
+
+class FlowConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    repo: Path = PROJECT_ROOT
+    # A params file or a recipe name (recipes/<name>.yaml) to run with; it is copied over the
+    # repo's params.yaml because that is the file the DVC stages depend on. None: use params.yaml.
+    params_file: Path | None = None
+    recipe: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.-]+$")
+    # Name of a DVC remote the user configured (`dvc remote add`); None: no pull/push.
+    dvc_remote: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.-]+$")
+    publish_to: Path | None = None  # local target; None: params.publish.target
+    s3: S3PublishParams | None = None  # overrides params.publish.s3
+    hub: HubPublishParams | None = None  # overrides params.publish.hub
+
+    @model_validator(mode="after")
+    def _check(self) -> FlowConfig:
+        if not (self.repo / "dvc.yaml").is_file():
+            raise ValueError(f"repo {self.repo}: no dvc.yaml")
+        if self.params_file and self.recipe:
+            raise ValueError("give params_file or recipe, not both")
+        if self.params_file and not self.params_file.is_file():
+            raise ValueError(f"params_file {self.params_file}: not a file")
+        if self.recipe and not (self.repo / "recipes" / f"{self.recipe}.yaml").is_file():
+            raise ValueError(f"recipe {self.recipe!r}: no recipes/{self.recipe}.yaml")
+        return self
+
+    def source_params(self) -> Path:
+        if self.recipe:
+            return self.repo / "recipes" / f"{self.recipe}.yaml"
+        return self.params_file or self.repo / "params.yaml"
+
+    def apply_params(self) -> Params:
+        """Validate the chosen params, then make them the repo's params.yaml."""
+        src = self.source_params()
+        params = load_params(src)
+        dst = self.repo / "params.yaml"
+        if src.resolve() != dst.resolve():
+            shutil.copyfile(src, dst)
+        return params
+
+    def local_target(self, params: Params) -> Path:
+        target = self.publish_to or Path(params.publish.target)
+        return target if target.is_absolute() else self.repo / target
+
+    def s3_target(self, params: Params) -> S3PublishParams | None:
+        return self.s3 or params.publish.s3
+
+    def hub_target(self, params: Params) -> HubPublishParams:
+        return self.hub or params.publish.hub
+
+
+def flow_config(**kwargs: object) -> FlowConfig:
+    """Build a :class:`FlowConfig`, turning validation errors into one-line ParamsErrors."""
+    try:
+        return FlowConfig(**{k: v for k, v in kwargs.items() if v is not None})
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "flow"
+        raise ParamsError(f"flow parameter {where}: {first['msg']}") from None
