@@ -101,7 +101,8 @@ def replica_digests(ctx: DistContext, tensors: dict[str, torch.Tensor]) -> list[
     h = hashlib.sha256()
     for name in sorted(tensors):
         h.update(name.encode())
-        h.update(tensors[name].detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        # reshape(-1): a channels_last 1x1 conv weight counts as contiguous yet has stride(-1) != 1.
+        h.update(tensors[name].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     mine = h.hexdigest()
     if not ctx.enabled:
         return [mine]
