@@ -1,101 +1,17 @@
-"""Orchestration with real components: Prefect's test server, real DVC, moto's S3 on 127.0.0.1.
+"""Orchestration with real components: stage-failure classification, deployments, flow params.
 
-One pipeline run serves several promises (training is the expensive part): the retrain flow pulls
-from / pushes to an S3 DVC remote and publishes to S3 with a receipt; a fresh clone gets the
-models back with `dvc pull`; a fresh clone running `dvc repro` from nothing rebuilds byte-identical
-exported weights; publishing again uploads nothing.
+The end-to-end run (S3 DVC remote, S3 publishing, pull, repro determinism) is in test_pipeline.py,
+where one training run serves every promise.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from .conftest import FAKE_SECRET
-from .test_pipeline import _git, repo_copy  # noqa: F401  (fixture)
-
-
-def _dvc(repo: Path, *args: str) -> subprocess.CompletedProcess:
-    from tasks.dvc_stage import dvc_env
-
-    proc = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=repo, env=dvc_env(),
-                          capture_output=True, text=True)
-    assert proc.returncode == 0, f"dvc {' '.join(args)}: {proc.stderr}"
-    return proc
-
-
-def _safetensors_sha(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*.safetensors"))}
-
-
-@pytest.mark.slow
-def test_retrain_s3_remote_publish_pull_and_repro(prefect_harness, s3_endpoint, repo_copy, tmp_path):  # noqa: F811
-    import boto3
-
-    from flows.publish import publish
-    from flows.retrain import retrain
-    from vaeft.config import S3PublishParams
-
-    s3 = boto3.client("s3", endpoint_url=s3_endpoint)
-    for bucket in ("dvc-remote", "releases"):
-        s3.create_bucket(Bucket=bucket)
-    repo = repo_copy
-    _dvc(repo, "remote", "add", "-d", "storage", "s3://dvc-remote/cache")
-    _dvc(repo, "remote", "modify", "storage", "endpointurl", s3_endpoint)
-    _git(repo, "add", ".dvc/config")
-    _git(repo, "commit", "-q", "-m", "remote")
-
-    target = S3PublishParams(bucket="releases", prefix="vaeft", endpoint_url=s3_endpoint)
-    pub_dir = tmp_path / "pub"
-    run = retrain(repo=str(repo), publish_to=str(pub_dir), dvc_remote="storage", s3=target)
-    assert all(run.stages.values()) and run.uploaded
-    built = _safetensors_sha(repo / "export")
-    assert len(built) == 4  # 2 models x (diffusers, ldm)
-
-    # Receipt: next to the local release, beside every S3 prefix; no credentials anywhere in it.
-    receipt_path = Path(run.publish.receipt)
-    assert receipt_path.parent.parent == pub_dir / run.release
-    receipt = json.loads(receipt_path.read_text())
-    assert receipt["git"]["commit"] and receipt["dvc_lock_sha256"] and receipt["params"]["seed"] == 0
-    assert set(receipt["published"]["s3"]) == {"ft-ema", "ft-mse"}
-    assert FAKE_SECRET not in receipt_path.read_text() and "test-key-id" not in receipt_path.read_text()
-    key = f"vaeft/ft-mse/{run.release}/receipts/{receipt_path.name}"
-    assert s3.get_object(Bucket="releases", Key=key)["Body"].read() == receipt_path.read_bytes()
-    remote_model = s3.get_object(Bucket="releases",
-                                 Key=f"vaeft/ft-mse/{run.release}/ldm/ft-mse.safetensors")["Body"].read()
-    assert hashlib.sha256(remote_model).hexdigest() == built["ft-mse/ldm/ft-mse.safetensors"]
-    # Outputs and the run-cache reached the DVC remote.
-    remote_keys = [o["Key"] for p in s3.get_paginator("list_objects_v2").paginate(Bucket="dvc-remote")
-                   for o in p.get("Contents", [])]
-    assert any("/runs/" in k for k in remote_keys), "run-cache not pushed"
-
-    # Publishing the same release again writes nothing new, anywhere.
-    again = publish(repo=str(repo), publish_to=str(pub_dir), s3=target)
-    assert not again.uploaded and again.release == run.release and again.s3 == run.publish.s3
-
-    _git(repo, "add", "dvc.lock")
-    _git(repo, "commit", "-q", "-m", "trained")
-
-    # A fresh clone gets the models from the remote.
-    pulled = tmp_path / "pulled"
-    subprocess.run(["git", "clone", "-q", str(repo), str(pulled)], check=True)
-    _dvc(pulled, "pull")
-    assert _safetensors_sha(pulled / "export") == built
-    assert (pulled / "models" / "ft-mse").is_dir()
-
-    # A fresh clone with no cache and no remote rebuilds the same bytes from scratch.
-    rebuilt = tmp_path / "rebuilt"
-    subprocess.run(["git", "clone", "-q", str(repo), str(rebuilt)], check=True)
-    _dvc(rebuilt, "remote", "remove", "storage")
-    _dvc(rebuilt, "repro")
-    assert _safetensors_sha(rebuilt / "export") == built
+from .test_pipeline import _dvc
 
 
 def _stage_repo(tmp_path: Path, cmd: str) -> Path:

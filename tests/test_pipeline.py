@@ -1,22 +1,22 @@
 """End to end: the Prefect `retrain` flow over real DVC in a temporary copy of the repo.
 
-Checks the three promises of the pipeline: it builds loadable diffusers models from nothing,
-a second run with nothing changed skips every stage, and a changed train param re-runs only the
-stages downstream of it.
+With a real DVC remote and publishing target on moto's S3 server (127.0.0.1).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-from .conftest import REPO_ROOT, tiny_params_dict
+from .conftest import FAKE_SECRET, REPO_ROOT, tiny_params_dict
 
 pytestmark = pytest.mark.slow
 
@@ -45,40 +45,110 @@ def repo_copy(tmp_path_factory) -> Path:
     return dst
 
 
-def test_retrain_flow_end_to_end(prefect_harness, repo_copy):
+def _dvc(repo: Path, *args: str) -> subprocess.CompletedProcess:
+    from tasks.dvc_stage import dvc_env
+
+    proc = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=repo, env=dvc_env(),
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, f"dvc {' '.join(args)}: {proc.stderr}"
+    return proc
+
+
+def _safetensors_sha(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*.safetensors"))}
+
+
+def test_retrain_flow_end_to_end(prefect_harness, s3_endpoint, repo_copy, tmp_path):
+    """One training run (the expensive part) serves every promise of the pipeline:
+
+    it builds loadable models from nothing, pushes outputs and the run-cache to an S3 DVC remote
+    and publishes to S3 with a receipt; a second run skips every stage and uploads nothing; a
+    fresh clone gets the models back with `dvc pull`; a fresh clone running `dvc repro` from
+    nothing rebuilds byte-identical exported weights; a changed train param re-runs only the
+    stages downstream of it.
+    """
+    import boto3
+
+    from flows.publish import publish
     from flows.retrain import retrain
-
-    stages = ["curate", "augment", "pretrain", "train-ema", "train-mse", "evaluate", "export"]
-    first = retrain(repo=str(repo_copy), publish_to=str(repo_copy / "pub"))
-    assert first.stages == {s: True for s in stages}
-    assert first.uploaded
-
-    # The exported models load with diffusers and reconstruct an image.
+    from vaeft.config import S3PublishParams
     from vaeft.model.build import autoencoder_class
 
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint)
+    for bucket in ("dvc-remote", "releases"):
+        s3.create_bucket(Bucket=bucket)
+    repo = repo_copy
+    _dvc(repo, "remote", "add", "-d", "storage", "s3://dvc-remote/cache")
+    _dvc(repo, "remote", "modify", "storage", "endpointurl", s3_endpoint)
+    _git(repo, "add", ".dvc/config")
+    _git(repo, "commit", "-q", "-m", "remote")
+    target = S3PublishParams(bucket="releases", prefix="vaeft", endpoint_url=s3_endpoint)
+    pub_dir = tmp_path / "pub"
+
+    stages = ["curate", "augment", "pretrain", "train-ema", "train-mse", "evaluate", "export"]
+    first = retrain(repo=str(repo), publish_to=str(pub_dir), dvc_remote="storage", s3=target)
+    assert first.stages == {s: True for s in stages}
+    assert first.uploaded
+    built = _safetensors_sha(repo / "export")
+    assert len(built) == 4  # 2 models x (diffusers, ldm)
+
+    # The exported models load with diffusers and reconstruct an image.
     for name in ("ft-ema", "ft-mse"):
-        vae = autoencoder_class().from_pretrained(repo_copy / "export" / name / "diffusers")
+        vae = autoencoder_class().from_pretrained(repo / "export" / name / "diffusers")
         x = torch.rand(1, 3, 32, 32) * 2 - 1
         with torch.no_grad():
             y = vae.decode(vae.encode(x).latent_dist.mode()).sample
         assert y.shape == x.shape and torch.isfinite(y).all()
-    metrics = json.loads((repo_copy / "metrics" / "eval.json").read_text())
+    metrics = json.loads((repo / "metrics" / "eval.json").read_text())
     assert set(metrics) == {"original", "ft-ema", "ft-mse"}
     for stage_dir in ("data/curated", "models/base", "models/ft-ema", "models/ft-mse", "reports/eval", "export"):
-        info = json.loads((repo_copy / stage_dir / "run_info.json").read_text())
+        info = json.loads((repo / stage_dir / "run_info.json").read_text())
         assert info["git"]["commit"] and info["params"], stage_dir  # resolved params + commit recorded
     assert (Path(first.published) / "SHA256SUMS").is_file()
 
-    # Nothing changed: DVC skips every stage and publishing uploads nothing.
-    second = retrain(repo=str(repo_copy), publish_to=str(repo_copy / "pub"))
+    # Receipt: next to the local release, beside every S3 prefix; no credentials anywhere in it.
+    receipt_path = Path(first.publish.receipt)
+    assert receipt_path.parent.parent == pub_dir / first.release
+    receipt = json.loads(receipt_path.read_text())
+    assert receipt["git"]["commit"] and receipt["dvc_lock_sha256"] and receipt["params"]["seed"] == 0
+    assert set(receipt["published"]["s3"]) == {"ft-ema", "ft-mse"}
+    assert FAKE_SECRET not in receipt_path.read_text() and "test-key-id" not in receipt_path.read_text()
+    key = f"vaeft/ft-mse/{first.release}/receipts/{receipt_path.name}"
+    assert s3.get_object(Bucket="releases", Key=key)["Body"].read() == receipt_path.read_bytes()
+    remote_model = s3.get_object(Bucket="releases",
+                                 Key=f"vaeft/ft-mse/{first.release}/ldm/ft-mse.safetensors")["Body"].read()
+    assert hashlib.sha256(remote_model).hexdigest() == built["ft-mse/ldm/ft-mse.safetensors"]
+    remote_keys = [o["Key"] for p in s3.get_paginator("list_objects_v2").paginate(Bucket="dvc-remote")
+                   for o in p.get("Contents", [])]
+    assert any("/runs/" in k for k in remote_keys), "run-cache not pushed"
+
+    # Nothing changed: DVC skips every stage and publishing uploads nothing, locally or to S3.
+    second = retrain(repo=str(repo), publish_to=str(pub_dir), dvc_remote="storage", s3=target)
     assert second.stages == {s: False for s in stages}
     assert not second.uploaded and second.release == first.release
+    again = publish(repo=str(repo), publish_to=str(pub_dir), s3=target)
+    assert not again.uploaded and again.release == first.release and again.s3 == first.publish.s3
+
+    _git(repo, "add", "dvc.lock")
+    _git(repo, "commit", "-q", "-m", "trained")
+    # A fresh clone gets the models from the remote.
+    pulled = tmp_path / "pulled"
+    subprocess.run(["git", "clone", "-q", str(repo), str(pulled)], check=True)
+    _dvc(pulled, "pull")
+    assert _safetensors_sha(pulled / "export") == built
+    # A fresh clone with no cache and no remote rebuilds the same bytes from scratch.
+    rebuilt = tmp_path / "rebuilt"
+    subprocess.run(["git", "clone", "-q", str(repo), str(rebuilt)], check=True)
+    _dvc(rebuilt, "remote", "remove", "storage")
+    _dvc(rebuilt, "repro")
+    assert _safetensors_sha(rebuilt / "export") == built
 
     # A train.mse param changed: only train-mse and what depends on it re-run.
-    raw = yaml.safe_load((repo_copy / "params.yaml").read_text())
+    raw = yaml.safe_load((repo / "params.yaml").read_text())
     raw["train"]["mse"]["lr"] = 5e-5
-    (repo_copy / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-    third = retrain(repo=str(repo_copy), publish_to=str(repo_copy / "pub"))
+    (repo / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    third = retrain(repo=str(repo), publish_to=str(pub_dir))
     assert [s for s, ran in third.stages.items() if ran] == ["train-mse", "evaluate", "export"]
     assert third.release != first.release and third.uploaded
 
