@@ -61,9 +61,13 @@ def test_evaluate_writes_metrics_table_csv_and_grid(tmp_path, curated, base_mode
     table = (tmp_path / "report" / TABLE_FILE).read_text().splitlines()
     assert table[0] == "| Model | train steps | rFID | PSNR | SSIM | PSIM/LPIPS |"
     # No LPIPS/Inception weights in the test weight store: those columns say why and how to fix.
-    assert table[2].startswith("| original | — | n/a (weights 'fid-inception' not in the weight store")
-    assert table[3].startswith("| again | 6 | n/a (")
-    assert "`vaeft weights pull fid-inception`" in table[2] and "`vaeft weights pull lpips-vgg`" in table[2]
+    # Each reason is a numbered footnote, with no machine-specific path in it.
+    assert table[2].startswith("| original | — | n/a [1] |") and table[2].endswith("| n/a [2] |")
+    assert table[3].startswith("| again | 6 | n/a [1] |")
+    text = "\n".join(table)
+    assert "[1] n/a: weights 'fid-inception' not in the weight store: `vaeft weights pull fid-inception`" in text
+    assert "[2] n/a: weights 'lpips-vgg' not in the weight store: `vaeft weights pull lpips-vgg`" in text
+    assert str(tmp_path) not in text
     assert table[2].count("±") == 2 and "centre crop 32x32" in "\n".join(table)
     assert set(metrics["original"]["unavailable"]) == {"lpips_vgg", "lpips_alex", "psim_candidate", "rfid"}
     assert 0 < metrics["original"]["ssim_mean"] <= 1 and "saturation_ratio_mean" in metrics["original"]

@@ -20,5 +20,6 @@ class Unavailable:
 
     @classmethod
     def from_missing(cls, err: MissingWeightsError) -> Unavailable:
-        return cls(reason=f"weights {err.name!r} not in the weight store ({err.path})",
+        # No path: reports are versioned outputs and must not depend on where the checkout lives.
+        return cls(reason=f"weights {err.name!r} not in the weight store",
                    fetch=f"vaeft weights pull {err.name}")

@@ -80,15 +80,15 @@ def _pm(values: dict, key: str, digits: int) -> str | None:
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
-def _na(unavailable: dict[str, dict], key: str) -> str:
+def _na(unavailable: dict[str, dict], key: str, notes: dict[str, int]) -> str:
+    """``n/a [k]``: the reason goes to footnote k once, not into every cell."""
     u = unavailable.get(key)
-    if u is None:
-        return "n/a (not computed)"
-    return f"n/a ({u['reason']}; `{u['fetch']}`)" if u.get("fetch") else f"n/a ({u['reason']})"
+    text = "not computed" if u is None else (f"{u['reason']}: `{u['fetch']}`" if u.get("fetch") else u["reason"])
+    return f"n/a [{notes.setdefault(text, len(notes) + 1)}]"
 
 
-def _cell(m: dict, key: str, digits: int) -> str:
-    return _pm(m, key, digits) or _na(m.get("unavailable", {}), key)
+def _cell(m: dict, key: str, digits: int, notes: dict[str, int]) -> str:
+    return _pm(m, key, digits) or _na(m.get("unavailable", {}), key, notes)
 
 
 def markdown_table(metrics: dict[str, dict], train_steps: dict[str, int | None], protocol: str) -> str:
@@ -97,25 +97,29 @@ def markdown_table(metrics: dict[str, dict], train_steps: dict[str, int | None],
         "| Model | train steps | rFID | PSNR | SSIM | PSIM/LPIPS |",
         "|---|---|---|---|---|---|",
     ]
+    notes: dict[str, int] = {}
     for name, m in metrics.items():
         steps = train_steps.get(name)
-        rfid = f"{m['rfid']:.2f}" if isinstance(m.get("rfid"), float) else _na(m.get("unavailable", {}), "rfid")
+        rfid = f"{m['rfid']:.2f}" if isinstance(m.get("rfid"), float) else _na(m.get("unavailable", {}), "rfid", notes)
         perceptual = [f"PSIM-candidate {v}" for v in [_pm(m, PSIM_LABEL, 3)] if v]
         perceptual += [f"LPIPS-VGG {v}" for v in [_pm(m, "lpips_vgg", 3)] if v]
         perceptual += [f"LPIPS-Alex {v}" for v in [_pm(m, "lpips_alex", 3)] if v]
         if not perceptual:
             perceptual = [_na(m.get("unavailable", {}), next(
-                (k for k in (PSIM_LABEL, "lpips_vgg", "lpips_alex") if k in m.get("unavailable", {})), PSIM_LABEL))]
-        lines.append(f"| {name} | {steps if steps is not None else '—'} | {rfid} | {_cell(m, 'psnr', 2)} | "
-                     f"{_cell(m, 'ssim', 3)} | {' / '.join(perceptual)} |")
+                (k for k in (PSIM_LABEL, "lpips_vgg", "lpips_alex") if k in m.get("unavailable", {})), PSIM_LABEL),
+                notes)]
+        lines.append(f"| {name} | {steps if steps is not None else '—'} | {rfid} | {_cell(m, 'psnr', 2, notes)} | "
+                     f"{_cell(m, 'ssim', 3, notes)} | {' / '.join(perceptual)} |")
     lines += ["", "| Model | mean shift R / G / B (0-255) | saturation ratio |", "|---|---|---|"]
     for name, m in metrics.items():
         shifts = " / ".join(_pm(m, f"shift_{c}", 2) or "n/a" for c in "rgb")
-        lines.append(f"| {name} | {shifts} | {_cell(m, 'saturation_ratio', 3)} |")
+        lines.append(f"| {name} | {shifts} | {_cell(m, 'saturation_ratio', 3, notes)} |")
     n = next(iter(metrics.values()))["n_images"]
     lines += ["", f"Eval set: {n} images; {protocol}. Per image, then mean ± std over images.",
               f"PSIM-candidate: {PSIM_DEFINITION}. LPIPS: the lpips package (v0.1 linear weights).",
               f"rFID: {NOTES['rfid']}."]
+    if notes:
+        lines += [""] + [f"[{k}] n/a: {text}" for text, k in notes.items()]
     return "\n".join(lines) + "\n"
 
 
@@ -227,7 +231,7 @@ def evaluate_models(
                                   notes=NOTES, device=str(device),
                                   unavailable={k: Unavailable.as_dict(v) for k, v in pair.unavailable.items()})
     for name, m in metrics.items():
-        console.print(f"  {name:>10}: PSNR {_cell(m, 'psnr', 2)} dB, SSIM {_cell(m, 'ssim', 3)}")
+        console.print(f"  {name:>10}: PSNR {_pm(m, 'psnr', 2) or 'n/a'} dB, SSIM {_pm(m, 'ssim', 3) or 'n/a'}")
     return EvalResult(metrics_file, report_dir, metrics)
 
 
