@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import shutil
 from pathlib import Path
 
@@ -70,3 +71,16 @@ def flow_config(**kwargs: object) -> FlowConfig:
         first = err.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "flow"
         raise ParamsError(f"flow parameter {where}: {first['msg']}") from None
+
+
+def add_s3_arguments(ap: argparse.ArgumentParser) -> None:
+    """The S3 publish target options shared by the flows' command lines."""
+    ap.add_argument("--s3-bucket", help="publish to this S3 bucket as well")
+    ap.add_argument("--s3-prefix", default="vaeft")
+    ap.add_argument("--s3-endpoint-url", help="S3-compatible endpoint (credentials: standard AWS chain)")
+
+
+def s3_from_args(args: argparse.Namespace) -> S3PublishParams | None:
+    if not args.s3_bucket:
+        return None
+    return S3PublishParams(bucket=args.s3_bucket, prefix=args.s3_prefix, endpoint_url=args.s3_endpoint_url)

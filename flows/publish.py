@@ -21,7 +21,7 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 from pydantic import BaseModel
 
-from flows.config import flow_config
+from flows.config import add_s3_arguments, flow_config, s3_from_args
 from tasks.dvc_stage import dvc, stage_is_stale
 from tasks.publish import publish_release, publish_release_hub, publish_release_s3, s3_target
 from vaeft import runtime_env
@@ -122,12 +122,9 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m flows.publish", description=__doc__.split("\n")[0])
     ap.add_argument("--repo")
     ap.add_argument("--publish-to")
-    ap.add_argument("--s3-bucket")
-    ap.add_argument("--s3-prefix", default="vaeft")
-    ap.add_argument("--s3-endpoint-url")
+    add_s3_arguments(ap)
     args = ap.parse_args(argv)
-    s3 = S3PublishParams(bucket=args.s3_bucket, prefix=args.s3_prefix,
-                         endpoint_url=args.s3_endpoint_url) if args.s3_bucket else None
+    s3 = s3_from_args(args)
     try:
         publish(repo=args.repo, publish_to=args.publish_to, s3=s3)
     except ParamsError as err:

@@ -20,7 +20,7 @@ from prefect import flow
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from pydantic import BaseModel
 
-from flows.config import flow_config
+from flows.config import add_s3_arguments, flow_config, s3_from_args
 from flows.publish import PublishSummary, publish
 from tasks.dvc_stage import StageResult, pipeline_stages, pull_inputs, push_outputs, run_stage
 from vaeft import runtime_env
@@ -94,13 +94,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--recipe")
     ap.add_argument("--dvc-remote")
     ap.add_argument("--publish-to")
-    ap.add_argument("--s3-bucket")
-    ap.add_argument("--s3-prefix", default="vaeft")
-    ap.add_argument("--s3-endpoint-url")
+    add_s3_arguments(ap)
     args = ap.parse_args(argv)
     try:
-        s3 = S3PublishParams(bucket=args.s3_bucket, prefix=args.s3_prefix,
-                             endpoint_url=args.s3_endpoint_url) if args.s3_bucket else None
+        s3 = s3_from_args(args)
         retrain(repo=args.repo, params_file=args.params_file, recipe=args.recipe,
                 dvc_remote=args.dvc_remote, publish_to=args.publish_to, s3=s3)
     except ParamsError as err:

@@ -62,3 +62,23 @@ def test_flow_parameters_are_validated(tmp_path):
         flow_config(dvc_remote="bad name; rm -rf /")
     with pytest.raises(ParamsError, match="no dvc.yaml"):
         flow_config(repo=tmp_path)
+
+
+def test_evaluate_flow_scores_checkpoints_and_writes_receipts(prefect_harness, tmp_path, curated, base_model):
+    import json
+
+    from flows.evaluate import evaluate
+    from vaeft.hashing import tree_sha256
+
+    from .conftest import tiny_params_dict
+
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(tiny_params_dict()))
+    results = evaluate(checkpoints={"base": str(base_model)}, eval_sets={"held-out": str(curated)},
+                       out=str(tmp_path / "eval"), params_file=str(params_file))
+    metrics = results["held-out"]["metrics"]
+    assert set(metrics) == {"base"} and 5 < metrics["base"]["psnr_mean"] < 60
+    receipt = json.loads((tmp_path / "eval" / "held-out" / "receipt.json").read_text())
+    assert receipt["checkpoints_sha256"] == {"base": tree_sha256(base_model)}
+    assert receipt["eval_set"]["sha256"] == tree_sha256(curated)
+    assert (tmp_path / "eval" / "held-out" / "report" / "eval_table.md").is_file()
