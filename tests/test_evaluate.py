@@ -84,3 +84,12 @@ def test_evaluate_writes_metrics_table_csv_and_grid(tmp_path, curated, base_mode
 def test_evaluate_needs_models(tmp_path, curated, tiny_params):
     with pytest.raises(ValueError, match="at least one model"):
         evaluate_models(tiny_params.evaluate, curated, {}, tmp_path / "m.json", tmp_path / "r")
+
+
+def test_train_steps_come_from_the_models_run_info(tmp_path, base_model):
+    from vaeft.provenance import recorded_steps, write_run_info
+
+    assert recorded_steps(base_model) == 12  # the tiny pretrain phase
+    write_run_info(tmp_path, "pretrain", imported_from="weights/kl-f8")  # an imported base: no steps
+    assert recorded_steps(tmp_path) is None
+    assert recorded_steps(tmp_path / "nowhere") is None

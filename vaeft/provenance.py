@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import platform
 import subprocess
 from pathlib import Path
@@ -46,6 +47,18 @@ def run_info(stage: str, params: dict[str, BaseModel] | None = None, **extra: An
         "params": {k: v.model_dump(mode="json") for k, v in (params or {}).items()},
         **extra,
     }
+
+
+def recorded_steps(model_dir: str | Path) -> int | None:
+    """Training steps a model folder's ``run_info.json`` records (None: imported or foreign model)."""
+    path = Path(model_dir) / RUN_INFO_FILE
+    if not path.is_file():
+        return None
+    try:
+        steps = json.loads(path.read_text(encoding="utf-8")).get("steps")
+    except (OSError, ValueError):
+        return None
+    return steps if isinstance(steps, int) and steps > 0 else None
 
 
 def write_run_info(out_dir: str | Path, stage: str, params: dict[str, BaseModel] | None = None, **extra: Any) -> Path:

@@ -94,13 +94,12 @@ def evaluate(
     """Reconstruct the eval set with each model; write metrics, a table and a comparison grid."""
     from vaeft.evaluate.report import evaluate_models
 
+    from vaeft.provenance import recorded_steps
+
     models = {k: require(v, f"model {k!r}") for k, v in named_paths(model, "--model").items()}
-    steps = {}
-    p = load(params)
-    for name in models:
-        phase = {"ft-ema": "ema", "ft-mse": "mse"}.get(name)
-        steps[name] = getattr(p.train, phase).steps if phase else None
-    evaluate_models(p.evaluate, require(data, "data directory"), models, metrics, report, steps)
+    # The models' own run_info says how long they trained; params would only know our phase names.
+    steps = {name: recorded_steps(path) for name, path in models.items()}
+    evaluate_models(load(params).evaluate, require(data, "data directory"), models, metrics, report, steps)
 
 
 @app.command()
