@@ -11,9 +11,9 @@ import torch
 from PIL import Image
 from skimage import data as skdata
 
-from vaeft.augment.crops import CropSpec, naive_crop, render, sample_rng, sample_spec
+from vaeft.augment.crops import CropSpec, naive_crop, render, render_array, sample_rng, sample_spec
 from vaeft.config import AugmentParams
-from vaeft.data.loader import CropStream, StepSampler, train_batches
+from vaeft.data.loader import CropStream, StepSampler, decode_rgb, train_batches
 from vaeft.data.manifest import read_manifest
 from vaeft.evaluate.metrics import psnr
 
@@ -176,8 +176,8 @@ def test_materialized_crops_are_deterministic_and_replayable(tmp_path, curated):
     for entry in index[::7]:
         stored = np.load(tmp_path / "w1" / f"shard-{entry['shard']:05d}.npy")[entry["row"]]
         spec = CropSpec(**{k: v for k, v in entry.items() if k in spec_fields})
-        with Image.open(curated / rows[entry["image_sha256"]].stored_path) as img:
-            assert np.array_equal(render(img.convert("RGB"), spec, p), stored)
+        pixels = decode_rgb(curated / rows[entry["image_sha256"]].stored_path)
+        assert np.array_equal(render_array(pixels, spec, p), stored)
     stream = ShardStream(tmp_path / "w1", seed=0, length=200)
     assert stream[0].shape == (3, 32, 32) and stream[0].dtype == torch.uint8
     assert has_crops(tmp_path / "w1")

@@ -131,6 +131,11 @@ class AugmentParams(_Strict):
     jpeg_draft: bool = True
     # Keep decoded images in worker memory (small datasets such as the embedded default).
     cache_images: bool = False
+    # The `augment` stage decodes every training image once into an uncompressed, memory-mapped
+    # array (3 bytes per pixel on disk, ~2-3x the PNGs); the loader then reads only each crop's
+    # region instead of decoding a whole PNG per crop (BENCHMARKS.md: ~10x more crops per core).
+    # Crops are identical either way.
+    pixel_store: bool = False
     # Crops per training image written ahead of training by the `augment` stage (0: crops are
     # drawn online in the loader, endless variety). Materialised crops version a run's exact
     # inputs and are what posterior-moment caching needs.

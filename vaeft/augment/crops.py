@@ -111,6 +111,40 @@ def render(img: Image.Image, spec: CropSpec, params: AugmentParams) -> np.ndarra
         region = img.crop(tuple(int(v) for v in box))  # exact source pixels, no resampling
     else:
         region = img.resize((spec.region, spec.region), Image.LANCZOS, box=box)
+    return _finish(region, spec, params)
+
+
+def lanczos_margin(scale: float) -> int:
+    """Source pixels Pillow's Lanczos kernel reaches beyond a box when downscaling by ``scale``.
+
+    The kernel's support (3 output pixels) widens by 1 / scale in the source.
+    """
+    return math.ceil(3.0 / min(scale, 1.0)) + 1
+
+
+def render_array(pixels: np.ndarray, spec: CropSpec, params: AugmentParams) -> np.ndarray:
+    """:func:`render` from decoded HWC uint8 pixels (e.g. a memory map), touching only the region.
+
+    The slice keeps the Lanczos kernel's whole reach around the box, so the result equals
+    rendering from the full image (``tests/test_pixel_store.py`` checks it); only the slice is
+    paged in from disk.
+    """
+    h, w = pixels.shape[:2]
+    side = spec.source_side
+    if spec.scale == 1.0:
+        s = int(side)
+        region = Image.fromarray(np.ascontiguousarray(pixels[spec.top:spec.top + s, spec.left:spec.left + s]))
+        return _finish(region, spec, params)
+    m = lanczos_margin(spec.scale)
+    x0, y0 = max(0, spec.left - m), max(0, spec.top - m)
+    x1, y1 = min(w, math.ceil(spec.left + side) + m), min(h, math.ceil(spec.top + side) + m)
+    sub = Image.fromarray(np.ascontiguousarray(pixels[y0:y1, x0:x1]))
+    box = (spec.left - x0, spec.top - y0, spec.left - x0 + side, spec.top - y0 + side)
+    return _finish(sub.resize((spec.region, spec.region), Image.LANCZOS, box=box), spec, params)
+
+
+def _finish(region: Image.Image, spec: CropSpec, params: AugmentParams) -> np.ndarray:
+    """Rotation, quarter turns and flips of a rendered region; CHW uint8."""
     if spec.angle:
         crop = params.crop_size
         region = region.rotate(spec.angle, resample=Image.BICUBIC)

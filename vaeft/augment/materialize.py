@@ -4,11 +4,13 @@ Output directory::
 
     OUT/index.parquet        one row per crop: shard, row, image sha256, k, and the crop spec
     OUT/shard-00000.npy      uint8 [n, 3, S, S] (plain .npy: byte-identical across runs)
+    OUT/pixels/<sha256>.npy  with augment.pixel_store: the decoded image, uint8 H x W x 3
     OUT/run_info.json
 
 Crop k of training image i is drawn from ``rng(seed, k, i)`` (k plays the epoch's role), so the
 store does not depend on the worker count. Training reads it through :class:`ShardStream`.
-With ``augment.materialize = 0`` the stage writes an empty index and training augments online.
+With ``augment.materialize = 0`` the stage writes an empty index and training augments online,
+reading the pixel store when there is one.
 """
 
 from __future__ import annotations
@@ -22,16 +24,17 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 
 from vaeft import atomic, provenance
-from vaeft.augment.crops import random_crop, sample_rng
+from vaeft.augment.crops import render_array, sample_rng, sample_spec
 from vaeft.config import AugmentParams
 from vaeft.console import banner, console, progress
+from vaeft.data.loader import decode_rgb, pixel_file
 from vaeft.data.manifest import read_manifest
 
 INDEX_FILE = "index.parquet"
+PIXEL_DIR = "pixels"
 
 
 @dataclass(frozen=True)
@@ -43,14 +46,20 @@ class MaterializeResult:
 
 def _crops_of_image(args: tuple[str, int, AugmentParams, int]) -> tuple[np.ndarray, list[dict]]:
     path, image_index, augment, seed = args
+    pixels = decode_rgb(path)
     crops, specs = [], []
-    with Image.open(path) as img:
-        img = img.convert("RGB")
-        for k in range(augment.materialize):
-            crop, spec = random_crop(img, augment, sample_rng(seed, k, image_index))
-            crops.append(crop)
-            specs.append({"k": k, **spec.as_dict()})
+    for k in range(augment.materialize):
+        spec = sample_spec(pixels.shape[1], pixels.shape[0], augment, sample_rng(seed, k, image_index))
+        crops.append(render_array(pixels, spec, augment))
+        specs.append({"k": k, **spec.as_dict()})
     return np.stack(crops), specs
+
+
+def _store_pixels(args: tuple[str, str]) -> int:
+    src, dst = args
+    pixels = decode_rgb(src)
+    np.save(dst, pixels, allow_pickle=False)
+    return pixels.nbytes
 
 
 def materialize_crops(
@@ -87,10 +96,22 @@ def materialize_crops(
                             flush(tmp)
                     bar.update(task, advance=1)
             flush(tmp)
+        stored_bytes = 0
+        if augment.pixel_store:
+            (tmp / PIXEL_DIR).mkdir()
+            jobs_px = sorted({(str(data_dir / r.stored_path), str(pixel_file(tmp / PIXEL_DIR, r.sha256))) for r in rows})
+            with progress() as bar, ProcessPoolExecutor(workers) as pool:
+                task = bar.add_task("pixel store", total=len(jobs_px), info="")
+                for nbytes in pool.map(_store_pixels, jobs_px, chunksize=4):
+                    stored_bytes += nbytes
+                    bar.update(task, advance=1)
         table = pa.Table.from_pylist(index) if index else pa.table({"shard": pa.array([], pa.int64())})
         pq.write_table(table, tmp / INDEX_FILE, compression="zstd", write_statistics=False)
-        provenance.write_run_info(tmp, "augment", {"augment": augment}, seed=seed, crops=len(index), shards=n_shards)
+        provenance.write_run_info(tmp, "augment", {"augment": augment}, seed=seed, crops=len(index), shards=n_shards,
+                                  pixel_store_bytes=stored_bytes)
     console.print(f"augment: {len(index)} crops in {n_shards} shards" if k else "augment: nothing materialised")
+    if augment.pixel_store:
+        console.print(f"augment: pixel store of {len(rows)} images, {stored_bytes / 2**20:.1f} MiB")
     return MaterializeResult(out_dir, len(index), n_shards)
 
 
@@ -99,6 +120,13 @@ def has_crops(crops_dir: str | Path | None) -> bool:
     if crops_dir is None or not (Path(crops_dir) / INDEX_FILE).is_file():
         return False
     return pq.read_metadata(Path(crops_dir) / INDEX_FILE).num_rows > 0
+
+
+def pixel_store_dir(crops_dir: str | Path | None) -> Path | None:
+    """The augment stage's pixel store under ``crops_dir``, or None when it wrote none."""
+    if crops_dir is None or not (Path(crops_dir) / PIXEL_DIR).is_dir():
+        return None
+    return Path(crops_dir) / PIXEL_DIR
 
 
 class ShardStream(Dataset):

@@ -54,12 +54,13 @@ def pretrain(
     out: Annotated[Path, typer.Option("--out", "-o", help="output diffusers folder")] = Path("models/base"),
     log: Annotated[Optional[Path], typer.Option(help="training log CSV (DVC plot)")] = None,
     state_dir: Annotated[Path, typer.Option(help="resumable training state (outside DVC outputs)")] = Path(".vaeft/state"),
+    crops: Annotated[Optional[Path], typer.Option(help="the augment stage's output (materialised crops or pixel store)")] = None,
 ) -> None:
     """The base model: import model.base if set, else pretrain the tiny autoencoder from scratch."""
     from vaeft.train.engine import prepare_base
 
     p = load(params)
-    prepare_base(p, require(data, "data directory"), out, log, state_dir)
+    prepare_base(p, require(data, "data directory"), out, log, state_dir, crops_dir=crops)
 
 
 @app.command()
@@ -71,7 +72,7 @@ def train(
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="output diffusers folder [models/ft-PHASE]")] = None,
     log: Annotated[Optional[Path], typer.Option(help="training log CSV (DVC plot)")] = None,
     state_dir: Annotated[Path, typer.Option(help="resumable training state (outside DVC outputs)")] = Path(".vaeft/state"),
-    crops: Annotated[Optional[Path], typer.Option(help="materialised crops (augment stage); online crops if empty")] = None,
+    crops: Annotated[Optional[Path], typer.Option(help="the augment stage's output (materialised crops or pixel store); online crops if empty")] = None,
 ) -> None:
     """Decoder-only fine-tune (encoder frozen), exporting EMA weights. Re-running resumes."""
     from vaeft.train.engine import train_phase

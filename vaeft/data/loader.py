@@ -11,13 +11,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from vaeft.augment.crops import ImageTooSmall, random_crop, sample_rng
+from vaeft.augment.crops import ImageTooSmall, render_array, sample_rng, sample_spec
 from vaeft.config import AugmentParams
 from vaeft.data.manifest import read_manifest
 
@@ -30,15 +31,23 @@ _DECODE_ERRORS = (OSError, ValueError, SyntaxError, ImageTooSmall, Image.Decompr
 class CropStream(Dataset):
     """Map-style dataset over the virtual, endless sample sequence of a run."""
 
-    def __init__(self, data_dir: str | Path, augment: AugmentParams, seed: int, length: int, split: str = "train") -> None:
+    def __init__(self, data_dir: str | Path, augment: AugmentParams, seed: int, length: int, split: str = "train",
+                 pixel_dir: str | Path | None = None) -> None:
         data_dir = Path(data_dir)
         rows = read_manifest(data_dir, split=split)
         if not rows:
             raise ValueError(f"{data_dir}: the manifest has no {split} images")
         self.paths = [data_dir / r.stored_path for r in rows]
+        # With a pixel store (the augment stage's decoded copies), a crop pages in its region only.
+        self.pixel_paths = [pixel_file(pixel_dir, r.sha256) for r in rows] if pixel_dir is not None else None
+        if self.pixel_paths is not None:
+            missing = [p for p in self.pixel_paths if not p.is_file()]
+            if missing:
+                raise ValueError(f"pixel store {pixel_dir} lacks {len(missing)} of {len(rows)} training images of "
+                                 f"{data_dir} (first: {missing[0].name}); re-run the augment stage on this data")
         self.augment, self.seed, self.length = augment, seed, length
         self._perm_epoch, self._perm = -1, np.empty(0, dtype=np.int64)
-        self._cache: dict[int, Image.Image] = {}
+        self._cache: dict[int, np.ndarray] = {}
         self.replaced = 0
 
     def __len__(self) -> int:
@@ -50,14 +59,24 @@ class CropStream(Dataset):
             self._perm_epoch = epoch
         return self._perm
 
-    def _crop(self, idx: int, rng: np.random.Generator):
+    def _pixels(self, idx: int) -> np.ndarray:
+        """HWC uint8 pixels of training image ``idx``: memory map, worker cache or a fresh decode."""
         if idx in self._cache:
-            return random_crop(self._cache[idx], self.augment, rng)
-        with Image.open(self.paths[idx]) as img:
-            if not self.augment.cache_images:
-                return random_crop(img, self.augment, rng)
-            self._cache[idx] = img.convert("RGB")
-        return random_crop(self._cache[idx], self.augment, rng)
+            return self._cache[idx]
+        if self.pixel_paths is not None:
+            # Opened per sample, not kept: one open map per image would exhaust file descriptors.
+            return np.load(self.pixel_paths[idx], mmap_mode="r")
+        pixels = decode_rgb(self.paths[idx])
+        if self.augment.cache_images:
+            self._cache[idx] = pixels
+        return pixels
+
+    def _crop(self, idx: int, rng: np.random.Generator):
+        pixels = self._pixels(idx)
+        if pixels.ndim != 3 or pixels.shape[2] != 3:
+            raise ValueError(f"pixels of shape {pixels.shape}, expected H x W x 3")
+        spec = sample_spec(pixels.shape[1], pixels.shape[0], self.augment, rng)
+        return render_array(pixels, spec, self.augment), spec
 
     def sample(self, i: int) -> tuple[np.ndarray, dict]:
         """Sample ``i`` as CHW uint8 plus what produced it (image index and crop spec)."""
@@ -81,6 +100,16 @@ class CropStream(Dataset):
 
     def __getitem__(self, i: int) -> torch.Tensor:
         return torch.from_numpy(self.sample(i)[0])
+
+
+def decode_rgb(path: str | Path | BinaryIO) -> np.ndarray:
+    """A curated image as HWC uint8 RGB (the array every crop is rendered from)."""
+    with Image.open(path) as img:
+        return np.asarray(img.convert("RGB"))
+
+
+def pixel_file(pixel_dir: str | Path, sha256: str) -> Path:
+    return Path(pixel_dir) / f"{sha256}.npy"
 
 
 class StepSampler(Sampler[int]):
@@ -114,13 +143,15 @@ def train_batches(
 ) -> DataLoader:
     """Batches (uint8, N x C x H x W) of this rank for steps ``start_step`` .. ``total_steps - 1``.
 
-    Reads materialised crops from ``crops_dir`` when it holds any, else augments online.
+    Reads materialised crops from ``crops_dir`` when it holds any, else augments online (from its
+    pixel store when it has one).
     """
-    from vaeft.augment.materialize import ShardStream, has_crops
+    from vaeft.augment.materialize import ShardStream, has_crops, pixel_store_dir
 
     length = total_steps * batch_size * world_size
     stream: Dataset = (
-        ShardStream(crops_dir, seed, length) if has_crops(crops_dir) else CropStream(data_dir, augment, seed, length)
+        ShardStream(crops_dir, seed, length) if has_crops(crops_dir)
+        else CropStream(data_dir, augment, seed, length, pixel_dir=pixel_store_dir(crops_dir))
     )
     return DataLoader(
         stream,

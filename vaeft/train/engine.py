@@ -351,10 +351,11 @@ def prepare_base(
     out_dir: str | Path,
     log_file: str | Path | None = None,
     state_root: str | Path = ".vaeft/state",
+    crops_dir: str | Path | None = None,
 ) -> TrainResult:
     """The ``pretrain`` stage: import ``model.base`` if set, else pretrain from scratch."""
     if params.model.base is None:
-        return train_phase("pretrain", params, data_dir, out_dir, None, log_file, state_root)
+        return train_phase("pretrain", params, data_dir, out_dir, None, log_file, state_root, crops_dir=crops_dir)
     banner("pretrain", f"model.base is set: importing {params.model.base} (no pretraining)")
     t0 = time.perf_counter()
     vae = load_with_architecture(params.model.base, params.model.architecture)

@@ -1,0 +1,99 @@
+"""The augment stage's pixel store: crops read from memory-mapped pixels equal crops from the PNGs."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+from skimage import data as skdata
+
+from vaeft.augment.crops import render, render_array, sample_rng, sample_spec
+from vaeft.augment.materialize import PIXEL_DIR, materialize_crops, pixel_store_dir
+from vaeft.config import AugmentParams
+from vaeft.data.loader import CropStream, decode_rgb, pixel_file, train_batches
+from vaeft.data.manifest import read_manifest
+
+
+def _params(**kw) -> AugmentParams:
+    return AugmentParams(**{"crop_size": 32, **kw})
+
+
+@pytest.mark.parametrize("mode", ["none", "log_uniform", "levels"])
+@pytest.mark.parametrize("angle", [0.0, 20.0])
+def test_region_render_matches_whole_image_render(mode, angle):
+    # A PNG (no JPEG draft): render() resamples from the whole decoded image, render_array() from
+    # a slice that keeps the kernel's reach. Float rounding of the shifted box may flip a value by
+    # one step on a handful of pixels, never more.
+    img = Image.fromarray(skdata.astronaut()).resize((401, 293), Image.LANCZOS)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    pixels = np.asarray(img)
+    p = _params(crop_size=48, scale_mode=mode, max_angle=angle, vflip=True)
+    differing = total = 0
+    for i in range(60):
+        spec = sample_spec(401, 293, p, sample_rng(5, 0, i))
+        with Image.open(io.BytesIO(buf.getvalue())) as src:
+            ref = render(src, spec, p)
+        got = render_array(pixels, spec, p)
+        assert got.shape == ref.shape == (3, 48, 48)
+        diff = np.abs(ref.astype(np.int16) - got)
+        assert diff.max() <= 1, spec
+        differing += int((diff > 0).sum())
+        total += diff.size
+    assert differing / total < 1e-3
+
+
+def test_stage_writes_a_deterministic_store_and_loader_crops_are_identical(tmp_path, curated):
+    p = _params(pixel_store=True, max_angle=10.0)
+    one = materialize_crops(curated, p, seed=3, out_dir=tmp_path / "w1", workers=1)
+    materialize_crops(curated, p, seed=3, out_dir=tmp_path / "w2", workers=2)
+    assert one.n_crops == 0
+    rows = read_manifest(curated, split="train")
+    store = pixel_store_dir(tmp_path / "w1")
+    assert store == tmp_path / "w1" / PIXEL_DIR
+    assert sorted(f.name for f in store.iterdir()) == sorted({f"{r.sha256}.npy" for r in rows})
+    for r in rows:
+        stored = pixel_file(store, r.sha256)
+        assert stored.read_bytes() == pixel_file(tmp_path / "w2" / PIXEL_DIR, r.sha256).read_bytes()
+        arr = np.load(stored, mmap_mode="r")
+        assert arr.shape == (r.height, r.width, 3) and np.array_equal(arr, decode_rgb(curated / r.stored_path))
+
+    from_png = CropStream(curated, p, seed=3, length=64)
+    from_store = CropStream(curated, p, seed=3, length=64, pixel_dir=store)
+    for i in range(0, 64, 3):
+        a, spec_a = from_png.sample(i)
+        b, spec_b = from_store.sample(i)
+        assert spec_a == spec_b and a.tobytes() == b.tobytes()
+
+    loader = train_batches(curated, p, seed=3, batch_size=4, start_step=0, total_steps=2, crops_dir=tmp_path / "w1")
+    assert loader.dataset.pixel_paths is not None
+    assert len(list(loader)) == 2
+
+
+def test_store_without_the_training_images_is_refused(tmp_path, curated):
+    (tmp_path / "pixels").mkdir()
+    with pytest.raises(ValueError, match=r"pixel store .* lacks \d+ of \d+ training images"):
+        CropStream(curated, _params(), seed=0, length=8, pixel_dir=tmp_path / "pixels")
+
+
+def test_no_store_without_the_option(tmp_path, curated):
+    materialize_crops(curated, _params(), seed=0, out_dir=tmp_path / "none")
+    assert pixel_store_dir(tmp_path / "none") is None and pixel_store_dir(None) is None
+
+
+def test_crop_bench_runs_and_the_store_matches_the_loader():
+    import re
+    import subprocess
+    import sys
+
+    from .conftest import REPO_ROOT
+
+    proc = subprocess.run([sys.executable, "bench/augment_crops.py", "--images", "1", "--crops", "4", "--crop-size", "64", "--size", "480", "320"],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rates = [float(v) for v in re.findall(r"([\d.]+) crops/s per core", proc.stdout)]
+    assert len(rates) == 7 and all(r > 0 for r in rates), proc.stdout
+    assert "pixel store vs online PNG: max abs difference 0 (uint8)" in proc.stdout
+    assert re.search(r"pixel store / online PNG: [\d.]+x", proc.stdout)
