@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# One node of a multi-node training stage (infra/k8s/multinode-train.yaml), run from the clone.
+# Rank 0 runs the stage through DVC (pull its inputs, repro, push outputs and run-cache); the other
+# ranks run the stage's command directly and join its torchrun rendezvous.
+#
+#   infra/k8s/train-node.sh STAGE
+#
+# Reads VAEFT_NODE_RANK and VAEFT_DVC_REMOTE_URL (the launch variables VAEFT_NNODES,
+# VAEFT_NPROC_PER_NODE and VAEFT_RDZV_ENDPOINT are read by vaeft itself).
+set -euo pipefail
+
+stage=${1:?usage: train-node.sh STAGE}
+rank=${VAEFT_NODE_RANK:?VAEFT_NODE_RANK is not set}
+remote=storage
+
+dvc remote add --local --force "$remote" "${VAEFT_DVC_REMOTE_URL:?VAEFT_DVC_REMOTE_URL is not set}"
+# Resumable state on the shared volume, so every rank of a rerun finds the same checkpoint.
+mkdir -p .vaeft
+ln -sfn "${VAEFT_STATE_DIR:-/home/vaeft/state}" .vaeft/state
+
+# The stage's own outputs come too: if the remote already has them, the stage is current.
+dvc pull -r "$remote" --allow-missing --with-deps "$stage"
+if [ -f weights.dvc ]; then
+  dvc pull -r "$remote" weights.dvc
+fi
+
+# Every rank decides from the same commit and the same remote, so all agree; were rank 0 alone to
+# skip, the others would wait at the rendezvous until the deadline.
+if [ "$(dvc status --json "$stage" | tr -d '{}[:space:]')" = "" ]; then
+  echo "stage $stage is up to date; nothing to train"
+  exit 0
+fi
+
+if [ "$rank" = "0" ]; then
+  dvc repro --single-item "$stage"
+  dvc push -r "$remote" --run-cache
+else
+  python -m vaeft stage exec "$stage"
+fi
