@@ -171,3 +171,45 @@ def test_worst_status():
     # killed before any rank could write (OOM killer, preemption): torchrun's code, a failure
     killed = worst_status({0: ok}, launch.exit_status(-9))
     assert killed.exit_code == 137 and killed.status["kind"] == "failure"
+
+
+# --- vaeft stage list | exec ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def stage_repo(tmp_path) -> Path:
+    repo = tmp_path / "repo"
+    (repo / "sub").mkdir(parents=True)
+    (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": {
+        "first": {"cmd": ["echo one > a.txt", "command -v python > which.txt; pwd > pwd.txt"]},
+        "in-sub": {"cmd": "pwd > pwd.txt", "wdir": "sub"},
+        "fails": {"cmd": "exit 5"},
+        "templated": {"cmd": "echo ${seed}"},
+    }}, sort_keys=False))
+    return repo
+
+
+def test_stage_list_and_exec(stage_repo, monkeypatch):
+    runner = CliRunner()
+    assert runner.invoke(app, ["stage", "--help"]).exit_code == 0
+    listed = runner.invoke(app, ["stage", "list", "--repo", str(stage_repo)])
+    assert listed.output.split() == ["first", "in-sub", "fails", "templated"]
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")  # the venv's bin must come first all the same
+    assert runner.invoke(app, ["stage", "exec", "first", "--repo", str(stage_repo)]).exit_code == 0
+    assert (stage_repo / "a.txt").read_text() == "one\n"
+    assert (stage_repo / "which.txt").read_text().strip() == str(Path(sys.executable).parent / "python")
+    assert Path((stage_repo / "pwd.txt").read_text().strip()).resolve() == stage_repo.resolve()
+    assert runner.invoke(app, ["stage", "exec", "in-sub", "--repo", str(stage_repo)]).exit_code == 0
+    assert (stage_repo / "sub" / "pwd.txt").is_file()
+    assert runner.invoke(app, ["stage", "exec", "fails", "--repo", str(stage_repo)]).exit_code == 5
+
+
+@pytest.mark.parametrize(("stage", "message"), [
+    ("nope", "error: unknown stage 'nope' (stages: first, in-sub, fails, templated)"),
+    ("templated", "error: stage 'templated' uses ${...} templating: run it with `dvc repro templated`"),
+])
+def test_stage_exec_errors_are_one_line(stage_repo, capsys, stage, message):
+    with pytest.raises(SystemExit) as info:
+        main(["stage", "exec", stage, "--repo", str(stage_repo)])
+    assert info.value.code == 2
+    assert capsys.readouterr().err.strip() == message
