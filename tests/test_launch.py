@@ -213,3 +213,37 @@ def test_stage_exec_errors_are_one_line(stage_repo, capsys, stage, message):
         main(["stage", "exec", stage, "--repo", str(stage_repo)])
     assert info.value.code == 2
     assert capsys.readouterr().err.strip() == message
+
+
+# --- the retrain flow's gpus ----------------------------------------------------------------------
+
+
+def test_flow_gpus_sets_the_launch_variable(tmp_path, monkeypatch):
+    from flows.config import flow_config
+    from vaeft.config import ParamsError
+    from vaeft.runtime_env import PROJECT_ROOT
+
+    assert flow_config(gpus=4).stage_env() == {"VAEFT_NPROC_PER_NODE": "4"}
+    assert flow_config().stage_env() == {}
+    with pytest.raises(ParamsError, match="flow parameter gpus: Input should be greater than or equal to 1"):
+        flow_config(gpus=0)
+    monkeypatch.chdir(PROJECT_ROOT)
+    assert flow_config(repo=Path(".")).repo == PROJECT_ROOT  # a deployment's repo="." is made absolute
+
+
+def test_run_stage_passes_the_launch_environment(monkeypatch):
+    import subprocess
+
+    import tasks.dvc_stage as dvc_stage
+
+    calls = []
+
+    def fake_dvc(repo, *args, capture=False, extra_env=None):
+        calls.append((args, extra_env or {}))
+        return subprocess.CompletedProcess(args, 0, stdout='{"s": ["changed"]}' if capture else None, stderr="")
+
+    monkeypatch.setattr(dvc_stage, "dvc", fake_dvc)
+    assert dvc_stage.run_stage.fn("s", "/repo", env={"VAEFT_NPROC_PER_NODE": "3"}).ran
+    (status_args, _), (repro_args, repro_env) = calls
+    assert status_args[0] == "status" and repro_args == ("repro", "--single-item", "s")
+    assert repro_env["VAEFT_NPROC_PER_NODE"] == "3" and "VAEFT_STATUS_FILE" in repro_env
