@@ -247,3 +247,12 @@ def test_run_stage_passes_the_launch_environment(monkeypatch):
     (status_args, _), (repro_args, repro_env) = calls
     assert status_args[0] == "status" and repro_args == ("repro", "--single-item", "s")
     assert repro_env["VAEFT_NPROC_PER_NODE"] == "3" and "VAEFT_STATUS_FILE" in repro_env
+
+
+def test_retrain_cli_rejects_bad_gpus_before_any_stage(prefect_harness, capsys):
+    from flows.retrain import main as retrain_main
+
+    with pytest.raises(SystemExit) as info:
+        retrain_main(["--gpus", "0"])
+    assert info.value.code == 2
+    assert "error: flow parameter gpus: Input should be greater than or equal to 1" in capsys.readouterr().err
