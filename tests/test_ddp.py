@@ -38,5 +38,5 @@ def test_two_process_gloo_training(tmp_path, curated, base_model):
     assert len(digests) == 2 and digests[0] == digests[1]
     load_autoencoder(tmp_path / "out")
     # One status for the job (the ranks wrote theirs elsewhere and the launcher folded them).
-    assert json.loads(status.read_text()) == {"exit_code": 0, "kind": "ok", "error": None, "ranks": 2}
+    assert json.loads(status.read_text()) == {"exit_code": 0, "kind": "ok", "error": None, "rank_reports": 2}
     assert list(tmp_path.glob("status.json*")) == [status]

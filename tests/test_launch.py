@@ -158,7 +158,7 @@ def test_one_status_for_the_job_reflects_the_worst_rank(tmp_path, monkeypatch):
     # A user error on any rank fails every retry alike: the job is a user error (exit 2, not retried).
     assert info.value.code == 2
     assert json.loads(status.read_text()) == {"exit_code": 2, "kind": "user", "error": "UsageError",
-                                              "rank": 1, "ranks": 2}
+                                              "rank": 1, "rank_reports": 2}
     # the ranks' own files went to a private directory that is gone
     assert [p.name for p in tmp_path.iterdir() if "status" in p.name or "rank" in p.name] == ["status.json"]
 
@@ -166,11 +166,34 @@ def test_one_status_for_the_job_reflects_the_worst_rank(tmp_path, monkeypatch):
 def test_worst_status():
     ok = {"exit_code": 0, "kind": "ok", "error": None}
     crash = {"exit_code": 3, "kind": "failure", "error": None}
-    assert worst_status({0: ok, 1: ok}, 0) == launch.LaunchResult(0, {**ok, "ranks": 2})
-    assert worst_status({0: ok, 1: crash}, 1) == launch.LaunchResult(3, {**crash, "rank": 1, "ranks": 2})
+    assert worst_status({0: ok, 1: ok}, 0) == launch.LaunchResult(0, {**ok, "rank_reports": 2})
+    assert worst_status({0: ok, 1: crash}, 1) == launch.LaunchResult(3, {**crash, "rank": 1, "rank_reports": 2})
     # killed before any rank could write (OOM killer, preemption): torchrun's code, a failure
     killed = worst_status({0: ok}, launch.exit_status(-9))
     assert killed.exit_code == 137 and killed.status["kind"] == "failure"
+
+
+def test_sigterm_to_the_launcher_reaches_torchrun(tmp_path):
+    """A pod shutdown or Prefect cancellation signals the launcher only; torchrun must hear it."""
+    import os
+    import signal
+    import threading
+    import time
+
+    ready = tmp_path / "ready"
+    child = ("import signal, sys, time, pathlib; signal.signal(signal.SIGTERM, lambda *a: sys.exit(7)); "
+             f"pathlib.Path({str(ready)!r}).touch(); time.sleep(60)")
+
+    def kill_launcher() -> None:
+        deadline = time.monotonic() + 30
+        while not ready.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    before = signal.getsignal(signal.SIGTERM)
+    threading.Thread(target=kill_launcher, daemon=True).start()
+    assert launch.run_torchrun([sys.executable, "-c", child]).exit_code == 7
+    assert signal.getsignal(signal.SIGTERM) is before
 
 
 # --- vaeft stage list | exec ----------------------------------------------------------------------

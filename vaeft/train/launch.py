@@ -126,8 +126,8 @@ def torchrun_command(env: Mapping[str, str], argv: Sequence[str], *, python: str
         cmd += [f"--nnodes={nnodes}", "--rdzv_backend=c10d", f"--rdzv_endpoint={_endpoint(env)}",
                 f"--rdzv_id={rdzv_id}"]
         if explicit_rank:
-            # c10d guesses whether this node hosts the store by matching the endpoint's host to
-            # its own names, which fails behind service names/NAT; the node rank settles it.
+            # c10d otherwise guesses whether this node hosts the store by matching the endpoint's
+            # host against its own names and addresses, which service names and NAT can defeat.
             cmd.append(f"--rdzv_conf=is_host={'true' if node_rank == 0 else 'false'}")
     return [*cmd, "-m", "vaeft", *argv]
 
@@ -153,23 +153,24 @@ def _severity(status: Mapping[str, Any]) -> int:
 @dataclass(frozen=True)
 class LaunchResult:
     exit_code: int
-    status: dict[str, Any] = field(default_factory=dict)  # the worst rank's status, "rank" added
+    # the worst rank's status, with its global "rank" and how many of this node's ranks reported
+    status: dict[str, Any] = field(default_factory=dict)
 
 
 def worst_status(statuses: Mapping[int, Mapping[str, Any]], launcher_code: int) -> LaunchResult:
     """One exit code and status for the whole job from each rank's status and torchrun's code."""
     if launcher_code == 0:
-        return LaunchResult(0, {"exit_code": 0, "kind": "ok", "error": None, "ranks": len(statuses)})
+        return LaunchResult(0, {"exit_code": 0, "kind": "ok", "error": None, "rank_reports": len(statuses)})
     failed = {r: s for r, s in statuses.items() if _severity(s) > 0}
     if not failed:
         # No rank reported a failure: killed, or torchrun itself failed (rendezvous timeout).
         return LaunchResult(launcher_code, {"exit_code": launcher_code, "kind": "failure",
-                                            "error": "torchrun", "ranks": len(statuses)})
+                                            "error": "torchrun", "rank_reports": len(statuses)})
     rank = max(sorted(failed), key=lambda r: _severity(failed[r]))
     status = dict(failed[rank])
     code = status.get("exit_code")
     code = code if isinstance(code, int) and code != 0 else launcher_code
-    return LaunchResult(code, {**status, "exit_code": code, "rank": rank, "ranks": len(statuses)})
+    return LaunchResult(code, {**status, "exit_code": code, "rank": rank, "rank_reports": len(statuses)})
 
 
 def _read_statuses(directory: Path) -> dict[int, dict[str, Any]]:
@@ -208,8 +209,9 @@ def _run_forwarding_sigterm(cmd: list[str], env: dict[str, str]) -> int:
 
     try:
         previous = signal.signal(signal.SIGTERM, forward)
+        installed = True
     except ValueError:  # not the main thread: nothing to forward from
-        previous = None
+        installed = False
     try:
         try:
             return exit_status(proc.wait())
@@ -222,7 +224,7 @@ def _run_forwarding_sigterm(cmd: list[str], env: dict[str, str]) -> int:
                 proc.send_signal(signal.SIGTERM)
                 return exit_status(proc.wait())
     finally:
-        if previous is not None:
+        if installed:
             signal.signal(signal.SIGTERM, previous)
 
 
