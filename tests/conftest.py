@@ -181,7 +181,9 @@ def prefect_harness(tmp_path_factory):
         with contextlib.ExitStack() as stack:
             # Prefect read its settings at import; point this process's client at the server too.
             stack.enter_context(prefect.settings.temporary_settings(updates={prefect.settings.PREFECT_API_URL: url}))
-            stack.enter_context(prefect.context._temporary_global_settings_context(prefect.context.get_settings_context()))
+            # ... and code that copied its context before this fixture (as prefect_test_harness does)
+            stack.enter_context(
+                prefect.context._temporary_global_settings_context(prefect.context.get_settings_context()))
             yield info
             _drain_prefect_clients()
     finally:
