@@ -25,9 +25,14 @@ class FlowConfig(BaseModel):
     publish_to: Path | None = None  # local target; None: params.publish.target
     s3: S3PublishParams | None = None  # overrides params.publish.s3
     hub: HubPublishParams | None = None  # overrides params.publish.hub
+    # Training processes per node (torchrun, one per GPU); None: one process, or whatever
+    # VAEFT_NPROC_PER_NODE the worker's environment already sets.
+    gpus: int | None = Field(default=None, ge=1)
 
     @model_validator(mode="after")
     def _check(self) -> FlowConfig:
+        # A deployment passes repo="." (the pull step's working directory); stages need it absolute.
+        self.repo = self.repo.expanduser().resolve()
         if not (self.repo / "dvc.yaml").is_file():
             raise ValueError(f"repo {self.repo}: no dvc.yaml")
         if self.params_file and self.recipe:
@@ -37,6 +42,12 @@ class FlowConfig(BaseModel):
         if self.recipe and not (self.repo / "recipes" / f"{self.recipe}.yaml").is_file():
             raise ValueError(f"recipe {self.recipe!r}: no recipes/{self.recipe}.yaml")
         return self
+
+    def stage_env(self) -> dict[str, str]:
+        """Environment for the stage commands: the torchrun launch variables (vaeft.train.launch)."""
+        from vaeft.train.launch import NPROC_ENV
+
+        return {NPROC_ENV: str(self.gpus)} if self.gpus is not None else {}
 
     def source_params(self) -> Path:
         if self.recipe:

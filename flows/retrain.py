@@ -2,6 +2,7 @@
 
     python -m flows.retrain                          # what `make demo` runs (no remote, local publish)
     python -m flows.retrain --dvc-remote storage --s3-bucket B --s3-endpoint-url URL
+    python -m flows.retrain --gpus 8                 # train with torchrun, 8 processes (one per GPU)
 
 Flow parameters are validated (:class:`flows.config.FlowConfig`) and params are validated before
 anything runs, so a bad invocation fails in a second, not after training. Each stage is skipped
@@ -42,11 +43,15 @@ class RetrainSummary(BaseModel):
 @flow(name="retrain", log_prints=True)
 def retrain(repo: str | None = None, publish_to: str | None = None, params_file: str | None = None,
             recipe: str | None = None, dvc_remote: str | None = None,
-            s3: S3PublishParams | None = None, hub: HubPublishParams | None = None) -> RetrainSummary:
-    """Run the DVC pipeline of ``repo`` (default: this checkout) and publish its export."""
+            s3: S3PublishParams | None = None, hub: HubPublishParams | None = None,
+            gpus: int | None = None) -> RetrainSummary:
+    """Run the DVC pipeline of ``repo`` (default: this checkout) and publish its export.
+
+    ``gpus``: training processes on this machine (torchrun, one per GPU).
+    """
     cfg = flow_config(repo=repo and Path(repo), publish_to=publish_to and Path(publish_to),
                       params_file=params_file and Path(params_file), recipe=recipe,
-                      dvc_remote=dvc_remote, s3=s3, hub=hub)
+                      dvc_remote=dvc_remote, s3=s3, hub=hub, gpus=gpus)
     cfg.apply_params()
     root = cfg.repo
 
@@ -54,7 +59,7 @@ def retrain(repo: str | None = None, publish_to: str | None = None, params_file:
         pull_inputs(str(root), cfg.dvc_remote)
     results: list[StageResult] = []
     for stage in pipeline_stages(root):
-        results.append(run_stage(stage, str(root)))
+        results.append(run_stage(stage, str(root), cfg.stage_env() or None))
     if cfg.dvc_remote:
         push_outputs(str(root), cfg.dvc_remote)
 
@@ -94,12 +99,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--recipe")
     ap.add_argument("--dvc-remote")
     ap.add_argument("--publish-to")
+    ap.add_argument("--gpus", type=int, help="training processes on this machine (torchrun, one per GPU)")
     add_s3_arguments(ap)
     args = ap.parse_args(argv)
     try:
         s3 = s3_from_args(args)
         retrain(repo=args.repo, params_file=args.params_file, recipe=args.recipe,
-                dvc_remote=args.dvc_remote, publish_to=args.publish_to, s3=s3)
+                dvc_remote=args.dvc_remote, publish_to=args.publish_to, s3=s3, gpus=args.gpus)
     except ParamsError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -103,7 +103,9 @@ def _status(path: Path) -> dict[str, Any]:
     # DVC is the cache: Prefect must not short-cut a stage on its own.
     cache_policy=NO_CACHE,
 )
-def run_stage(stage: str, repo: str) -> StageResult:
+def run_stage(stage: str, repo: str, env: dict[str, str] | None = None) -> StageResult:
+    """``env``: extra environment for the stage command, e.g. ``VAEFT_NPROC_PER_NODE`` (it is
+    recorded as a task parameter: never pass secrets here)."""
     t0 = time.perf_counter()
     if not stage_is_stale(repo, stage):
         print(f"stage {stage}: unchanged, skipped")
@@ -112,7 +114,7 @@ def run_stage(stage: str, repo: str) -> StageResult:
         status_file = Path(tmp) / "status.json"
         # Output goes straight to the terminal so progress bars stay live; the stage's exit status
         # travels through the status file instead (dvc repro flattens it to 1).
-        proc = dvc(repo, "repro", "--single-item", stage, extra_env={STATUS_FILE_ENV: str(status_file)})
+        proc = dvc(repo, "repro", "--single-item", stage, extra_env={**(env or {}), STATUS_FILE_ENV: str(status_file)})
         status = _status(status_file)
     if proc.returncode != 0:
         msg = (f"stage {stage} failed (dvc repro exit code {proc.returncode}, "

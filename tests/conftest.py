@@ -6,7 +6,14 @@ autoencoder (still x8 downsampling), 32x32 crops, a handful of steps.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -67,13 +74,145 @@ def base_model(tmp_path_factory, curated) -> Path:
     return root / "model"
 
 
-@pytest.fixture(scope="session")
-def prefect_harness():
-    """One temporary Prefect server for the whole session (starting one costs 10-30 s)."""
-    from prefect.testing.utilities import prefect_test_harness
+@dataclass
+class PrefectServer:
+    """A real ``prefect server start`` in its own process group, with its own PREFECT_HOME."""
 
-    with prefect_test_harness(server_startup_timeout=180):
-        yield
+    url: str  # PREFECT_API_URL
+    process: subprocess.Popen
+    log: Path
+    start_seconds: float
+
+    def cli_env(self, home: Path, **extra: str) -> dict[str, str]:
+        """Environment for a Prefect CLI subprocess talking to this server (its own home)."""
+        home.mkdir(parents=True, exist_ok=True)
+        return {**os.environ, "PREFECT_API_URL": self.url, "PREFECT_HOME": str(home),
+                "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", **extra}
+
+    def log_tail(self, chars: int = 3000) -> str:
+        return self.log.read_text(errors="replace")[-chars:]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stop_process_tree(proc: subprocess.Popen, timeout: float = 30) -> list[str]:
+    """SIGTERM ``proc``'s process group (and descendants that left it), then SIGKILL what is left.
+
+    Returns what did not stop on SIGTERM (empty: a clean stop) so a test can assert on it after
+    its own failure, if any, has been reported.
+    """
+    import psutil
+
+    try:
+        tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        tree = []
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    for p in tree[1:]:  # a child in a session of its own (Prefect isolates flow-run processes)
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.terminate()
+    problems = []
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        problems.append(f"pid {proc.pid} ({' '.join(map(str, proc.args[:4]))}) ignored SIGTERM")
+    _, alive = psutil.wait_procs(tree, timeout=5)
+    for p in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            problems.append(f"pid {p.pid} ({' '.join(p.cmdline()[:4])}) still running after SIGTERM")
+            p.kill()
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=10)
+    return problems
+
+
+def _wait_healthy(server: subprocess.Popen, url: str, log: Path, timeout: float) -> None:
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"prefect server exited ({server.returncode}):\n{log.read_text()[-3000:]}")
+        with contextlib.suppress(OSError):
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        time.sleep(0.2)
+    raise RuntimeError(f"prefect server not healthy after {timeout:.0f} s:\n{log.read_text()[-3000:]}")
+
+
+@pytest.fixture(scope="session")
+def prefect_harness(tmp_path_factory):
+    """One real ``prefect server start`` for the whole session (a fresh database costs ~20 s on 2
+    cores), which the flows run in-process, the CLI and the worker of test_worker.py all use.
+
+    The scheduler service is off: nothing here needs it, and a worker must only ever see the flow
+    runs a test creates, never runs of a deployment's cron schedule.
+    """
+    root = tmp_path_factory.mktemp("prefect-server")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    log = root / "server.log"
+    env = {**os.environ, "PREFECT_HOME": str(root / "home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "DO_NOT_TRACK": "1", "PREFECT_UI_ENABLED": "false", "PREFECT_SERVER_API_HOST": "127.0.0.1",
+           "PREFECT_SERVER_API_PORT": str(port)}
+    env.pop("PREFECT_API_URL", None)
+    t0 = time.perf_counter()
+    with open(log, "wb") as out:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port),
+             "--no-scheduler", "--no-ui", "--analytics-off"],
+            env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    info = PrefectServer(url, server, log, 0.0)
+    old_url = os.environ.get("PREFECT_API_URL")
+    try:
+        import prefect.context  # while the server starts
+        import prefect.settings
+
+        _wait_healthy(server, url, log, timeout=180)
+        info.start_seconds = time.perf_counter() - t0
+        os.environ["PREFECT_API_URL"] = url  # for subprocesses
+        with contextlib.ExitStack() as stack:
+            # Prefect read its settings at import; point this process's client at the server too.
+            stack.enter_context(prefect.settings.temporary_settings(updates={prefect.settings.PREFECT_API_URL: url}))
+            # ... and code that copied its context before this fixture (as prefect_test_harness does)
+            stack.enter_context(
+                prefect.context._temporary_global_settings_context(prefect.context.get_settings_context()))
+            yield info
+            _drain_prefect_clients()
+    finally:
+        if old_url is None:
+            os.environ.pop("PREFECT_API_URL", None)
+        else:
+            os.environ["PREFECT_API_URL"] = old_url
+        problems = stop_process_tree(server)
+    assert not problems, f"prefect server did not stop cleanly: {problems}"
+
+
+def _drain_prefect_clients() -> None:
+    """Send buffered logs and events before the server goes, as prefect_test_harness does."""
+    import inspect
+
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+    from prefect.utilities.asyncutils import run_coro_as_sync
+
+    async def drain() -> None:
+        with contextlib.suppress(RuntimeError):  # never started
+            result = APILogWorker.instance().drain()
+            if inspect.isawaitable(result):
+                await result
+        result = EventsWorker.drain_all()
+        if inspect.isawaitable(result):
+            await result
+
+    run_coro_as_sync(drain())
 
 
 @pytest.fixture(scope="session")

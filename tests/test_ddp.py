@@ -1,4 +1,6 @@
-"""Two torchrun processes on CPU (gloo): the result loads and both replicas ended identical."""
+"""Two torchrun processes on CPU (gloo), launched the way the cloud templates do it
+(``VAEFT_NPROC_PER_NODE=2 vaeft train ...``): the result loads, both replicas ended identical, and
+the launcher leaves one status for the whole job."""
 
 from __future__ import annotations
 
@@ -20,13 +22,21 @@ def test_two_process_gloo_training(tmp_path, curated, base_model):
                                gan={"kind": "patchgan", "ndf": 8, "n_layers": 2})
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump(raw))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "vaeft",
-           "train", "ema", "--params", str(params), "--init", str(base_model), "--data", str(curated),
-           "--out", str(tmp_path / "out"), "--state-dir", str(tmp_path / "state")]
+    status = tmp_path / "status.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT), "VAEFT_NPROC_PER_NODE": "2",
+           "VAEFT_STATUS_FILE": str(status)}
+    for var in ("LOCAL_RANK", "TORCHELASTIC_RUN_ID", "VAEFT_NNODES", "VAEFT_NODE_RANK", "VAEFT_RDZV_ENDPOINT"):
+        env.pop(var, None)
+    cmd = [sys.executable, "-m", "vaeft", "train", "ema", "--params", str(params), "--init", str(base_model),
+           "--data", str(curated), "--out", str(tmp_path / "out"), "--state-dir", str(tmp_path / "state")]
     proc = subprocess.run(cmd, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "relaunching under -m torch.distributed.run --nproc_per_node=2 --standalone" in proc.stderr
     info = json.loads((tmp_path / "out" / "run_info.json").read_text())
-    digests = info["replica_sha256"] if "replica_sha256" in info else info["extra"]["replica_sha256"]
+    assert info["world_size"] == 2
+    digests = info["replica_sha256"]
     assert len(digests) == 2 and digests[0] == digests[1]
     load_autoencoder(tmp_path / "out")
+    # One status for the job (the ranks wrote theirs elsewhere and the launcher folded them).
+    assert json.loads(status.read_text()) == {"exit_code": 0, "kind": "ok", "error": None, "rank_reports": 2}
+    assert list(tmp_path.glob("status.json*")) == [status]

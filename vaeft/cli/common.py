@@ -10,7 +10,8 @@ import typer
 from vaeft.config import DEFAULT_PARAMS_FILE, Params, load_params
 from vaeft.errors import VaeftError
 
-__all__ = ["DEFAULT_PARAMS_FILE", "ParamsOpt", "UsageError", "app", "load", "named_paths", "require"]
+__all__ = ["ChildExit", "DEFAULT_PARAMS_FILE", "ParamsOpt", "UsageError", "app", "load", "named_paths",
+           "relaunch_if_asked", "require"]
 
 app = typer.Typer(
     name="vaeft",
@@ -47,3 +48,28 @@ def require(path: Path, what: str) -> Path:
     if not path.exists():
         raise UsageError(f"{what} {path} does not exist")
     return path
+
+
+# The arguments of the running command (set by ``vaeft.cli.main``).
+invocation_argv: list[str] = []
+
+
+class ChildExit(SystemExit):
+    """The command's work ran in child processes; ``status`` is theirs (the worst rank's)."""
+
+    def __init__(self, code: int, status: dict) -> None:
+        super().__init__(code)
+        self.status = status
+
+
+def relaunch_if_asked() -> None:
+    """Rerun this command under torchrun when the VAEFT_* launch variables ask for more processes.
+
+    Called after the command validated its params and inputs, so a user error shows once, from
+    this process, instead of once per rank.
+    """
+    from vaeft.train.launch import relaunch
+
+    result = relaunch(invocation_argv)
+    if result is not None:
+        raise ChildExit(result.exit_code, result.status)

@@ -8,7 +8,16 @@ from typing import Annotated, Optional
 
 import typer
 
-from vaeft.cli.common import DEFAULT_PARAMS_FILE, ParamsOpt, UsageError, app, load, named_paths, require
+from vaeft.cli.common import (
+    DEFAULT_PARAMS_FILE,
+    ParamsOpt,
+    UsageError,
+    app,
+    load,
+    named_paths,
+    relaunch_if_asked,
+    require,
+)
 from vaeft.config import Params
 
 
@@ -56,11 +65,18 @@ def pretrain(
     state_dir: Annotated[Path, typer.Option(help="resumable training state (outside DVC outputs)")] = Path(".vaeft/state"),
     crops: Annotated[Optional[Path], typer.Option(help="the augment stage's output (materialised crops or pixel store)")] = None,
 ) -> None:
-    """The base model: import model.base if set, else pretrain the tiny autoencoder from scratch."""
+    """The base model: import model.base if set, else pretrain the tiny autoencoder from scratch.
+
+    Set VAEFT_NPROC_PER_NODE (and for several nodes VAEFT_NNODES, VAEFT_NODE_RANK,
+    VAEFT_RDZV_ENDPOINT) to run under torchrun.
+    """
     from vaeft.train.engine import prepare_base
 
     p = load(params)
-    prepare_base(p, require(data, "data directory"), out, log, state_dir, crops_dir=crops)
+    require(data, "data directory")
+    if p.model.base is None:  # importing a base is one process's work
+        relaunch_if_asked()
+    prepare_base(p, data, out, log, state_dir, crops_dir=crops)
 
 
 @app.command()
@@ -74,14 +90,20 @@ def train(
     state_dir: Annotated[Path, typer.Option(help="resumable training state (outside DVC outputs)")] = Path(".vaeft/state"),
     crops: Annotated[Optional[Path], typer.Option(help="the augment stage's output (materialised crops or pixel store); online crops if empty")] = None,
 ) -> None:
-    """Decoder-only fine-tune (encoder frozen), exporting EMA weights. Re-running resumes."""
+    """Decoder-only fine-tune (encoder frozen), exporting EMA weights. Re-running resumes.
+
+    Set VAEFT_NPROC_PER_NODE (and for several nodes VAEFT_NNODES, VAEFT_NODE_RANK,
+    VAEFT_RDZV_ENDPOINT) to run under torchrun.
+    """
     from vaeft.train.engine import train_phase
 
     if phase not in ("ema", "mse"):
         raise UsageError(f"unknown phase {phase!r}: expected 'ema' or 'mse'")
     p = load(params)
-    train_phase(phase, p, require(data, "data directory"), out or Path(f"models/ft-{phase}"),
-                require(init, "init model"), log, state_dir, crops_dir=crops)
+    require(data, "data directory")
+    require(init, "init model")
+    relaunch_if_asked()
+    train_phase(phase, p, data, out or Path(f"models/ft-{phase}"), init, log, state_dir, crops_dir=crops)
 
 
 @app.command()
