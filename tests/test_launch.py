@@ -163,6 +163,15 @@ def test_one_status_for_the_job_reflects_the_worst_rank(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir() if "status" in p.name or "rank" in p.name] == ["status.json"]
 
 
+def test_outputs_are_written_by_local_rank_0_of_node_0():
+    from vaeft.train.distributed import main_rank
+
+    # c10d put node 1's processes first: the writer is still node 0's first process.
+    assert main_rank([("1", 0), ("1", 1), ("0", 0), ("0", 1)]) == 2
+    assert main_rank([("0", 0), ("0", 1), ("1", 0), ("1", 1)]) == 0
+    assert main_rank([(None, 0), (None, 1)]) == 0  # one node, no index given
+
+
 def test_worst_status():
     ok = {"exit_code": 0, "kind": "ok", "error": None}
     crash = {"exit_code": 3, "kind": "failure", "error": None}

@@ -25,10 +25,11 @@ class DistContext:
     world_size: int
     local_rank: int
     device: torch.device
+    main_rank: int = 0  # the rank that writes outputs, logs and checkpoints
 
     @property
     def is_main(self) -> bool:
-        return self.rank == 0
+        return self.rank == self.main_rank
 
     @property
     def enabled(self) -> bool:
@@ -46,7 +47,26 @@ def init_distributed() -> DistContext:
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if cuda else "gloo", rank=rank, world_size=world)
-    return DistContext(rank, world, local, device)
+    main = 0
+    if world > 1:
+        where: list[tuple[str | None, int] | None] = [None] * world
+        dist.all_gather_object(where, (os.environ.get("VAEFT_NODE_RANK") or None, local))
+        main = main_rank(where)
+    return DistContext(rank, world, local, device, main)
+
+
+def main_rank(where: list) -> int:
+    """The rank that writes the stage's outputs: local rank 0 of node 0, where DVC runs.
+
+    ``where[r]`` is rank r's (VAEFT_NODE_RANK or None, local rank). torchrun's c10d rendezvous
+    numbers nodes in its own order, so global rank 0 may sit on another node than the one whose
+    checkout DVC records; the node index the platform gave (an Indexed Job's completion index)
+    decides instead. Without node indices (one node, or set by hand) it is rank 0.
+    """
+    for rank, (node, local) in enumerate(where):
+        if node is not None and int(node) == 0 and local == 0:
+            return rank
+    return 0
 
 
 def shutdown(ctx: DistContext) -> None:
