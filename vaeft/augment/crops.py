@@ -110,7 +110,7 @@ def render(img: Image.Image, spec: CropSpec, params: AugmentParams) -> np.ndarra
     if spec.scale == 1.0 and factor == 1.0:
         region = img.crop(tuple(int(v) for v in box))  # exact source pixels, no resampling
     else:
-        region = img.resize((spec.region, spec.region), Image.LANCZOS, box=box)
+        region = img.resize((spec.region, spec.region), Image.LANCZOS, box=box, reducing_gap=params.reducing_gap)
     return _finish(region, spec, params)
 
 
@@ -140,7 +140,8 @@ def render_array(pixels: np.ndarray, spec: CropSpec, params: AugmentParams) -> n
     x1, y1 = min(w, math.ceil(spec.left + side) + m), min(h, math.ceil(spec.top + side) + m)
     sub = Image.fromarray(np.ascontiguousarray(pixels[y0:y1, x0:x1]))
     box = (spec.left - x0, spec.top - y0, spec.left - x0 + side, spec.top - y0 + side)
-    return _finish(sub.resize((spec.region, spec.region), Image.LANCZOS, box=box), spec, params)
+    region = sub.resize((spec.region, spec.region), Image.LANCZOS, box=box, reducing_gap=params.reducing_gap)
+    return _finish(region, spec, params)
 
 
 def _finish(region: Image.Image, spec: CropSpec, params: AugmentParams) -> np.ndarray:
