@@ -250,6 +250,10 @@ class TrainPhaseParams(_Strict):
     gradient_checkpointing: bool = False
     compile: bool = False
     channels_last: bool = False
+    # Adam's implementation (the maths is the same): "default" is torch's choice for the device
+    # (foreach on CUDA, a per-parameter loop on CPU); "fused" is one kernel over all parameters.
+    # bench/train_step.py --levers measures them; BENCHMARKS.md has the numbers.
+    adam_impl: Literal["default", "for-loop", "foreach", "fused"] = "default"
     # Export the EMA of the trained weights (the released ft-EMA/ft-MSE weights are EMA).
     ema: bool = True
     ema_decay: float = Field(default=0.9999, ge=0.0, lt=1.0)

@@ -25,10 +25,11 @@ from vaeft.losses.discriminator import NLayerDiscriminator
 
 class GanTrainer:
     def __init__(self, cfg: GanParams, g_lr: float, g_betas: tuple[float, float], device: torch.device,
-                 seed: int, in_channels: int = 3) -> None:
+                 seed: int, in_channels: int = 3, adam_kwargs: dict | None = None) -> None:
         self.cfg = cfg
         self.disc = NLayerDiscriminator(in_channels, cfg.ndf, cfg.n_layers, cfg.norm).to(device).train()
-        self.opt = torch.optim.Adam(self.disc.parameters(), lr=cfg.lr or g_lr, betas=cfg.betas or g_betas)
+        self.opt = torch.optim.Adam(self.disc.parameters(), lr=cfg.lr or g_lr, betas=cfg.betas or g_betas,
+                                    **(adam_kwargs or {}))
         # The gradient penalty's interpolation points: its own stream, checkpointed for exact resume.
         self.rng = torch.Generator().manual_seed(seed)
 

@@ -29,6 +29,10 @@ from vaeft.train.precision import autocast, grad_scaler
 
 # The decoder's last layer, where LDM takes the gradients of its adaptive GAN weight.
 LAST_LAYER = "decoder.conv_out.weight"
+# TrainPhaseParams.adam_impl -> torch.optim.Adam keyword arguments (for G and D alike).
+ADAM_IMPLS: dict[str, dict[str, bool]] = {
+    "default": {}, "for-loop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True},
+}
 
 
 def _mean_logs(acc: dict[str, torch.Tensor], logs: dict[str, torch.Tensor], k: int) -> None:
@@ -69,8 +73,10 @@ class TrainStep:
         if cfg.loss.learn_logvar:
             groups.append({"params": [loss_fn.logvar]})
             self.g_params = self.g_params + [loss_fn.logvar]
-        self.opt = torch.optim.Adam(groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-        self.gan = GanTrainer(cfg.gan, cfg.lr, cfg.betas, device, seed + 2) if cfg.gan is not None else None
+        adam = ADAM_IMPLS[cfg.adam_impl]
+        self.opt = torch.optim.Adam(groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, **adam)
+        self.gan = (GanTrainer(cfg.gan, cfg.lr, cfg.betas, device, seed + 2, adam_kwargs=adam)
+                    if cfg.gan is not None else None)
         if self.gan is not None and LAST_LAYER not in self.named:
             raise VaeftError(f"the GAN's adaptive weight needs {LAST_LAYER} to train")
         self.last_layer = self.named.get(LAST_LAYER)
