@@ -51,6 +51,10 @@ class StepResult:
 class TrainStep:
     """Sets the model up for a phase and runs its optimizer steps.
 
+    ``grad_at_output`` (on): with the GAN on, back-propagate the loss from the decoder's output
+    (LPIPS and D backward once) instead of from the loss after LDM's last-layer gradients (LPIPS
+    and D backward twice). Same maths; bench/train_step.py --levers measures it (off = LDM's way).
+
     ``vae`` is the freshly built or loaded autoencoder (on the CPU, as loaded): the constructor
     enables gradient checkpointing, moves it to ``device``, applies channels_last, freezes what
     does not train and compiles the decoder, in the order the engine always did, so global RNG
@@ -87,6 +91,8 @@ class TrainStep:
             vae.decoder.compile()  # in place: state-dict keys unchanged
         self.decoder_only = cfg.trainable == "decoder"
 
+    grad_at_output = True
+
     def posterior(self, x: torch.Tensor):
         """The encoder's posterior of ``x`` (no graph when only the decoder trains)."""
         with torch.set_grad_enabled(not self.decoder_only):
@@ -115,17 +121,29 @@ class TrainStep:
                 z = posterior.sample(generator=self.noise)
                 x_hat = vae.decode(z).sample
             kl = posterior.kl() if (cfg.loss.kl > 0 and not self.decoder_only) else None
+            # With the GAN on, the loss reaches the trained weights only through x̂ (unless logvar
+            # or the KL term train too): back-propagate from x̂ (see generator_grad_at_output).
+            at_output = gan_on and self.grad_at_output and kl is None and not cfg.loss.learn_logvar
+            if at_output:
+                x_hat = x_hat.float()  # the gradient at x̂ in fp32: a mean loss's would underflow fp16
             loss, micro = self.loss_fn(x, x_hat, kl)
             if gan_on:
                 with autocast(cfg.precision, self.device):
-                    g_term, g_logs = gan.generator_term(x_hat, micro["_nll"], self.last_layer, step)
+                    if at_output:
+                        out_grad, g_term, g_logs = gan.generator_grad_at_output(x_hat, micro["_nll"],
+                                                                                self.last_layer, step)
+                    else:
+                        g_term, g_logs = gan.generator_term(x_hat, micro["_nll"], self.last_layer, step)
                 loss = loss + g_term
                 micro.update(g_logs)
                 micro["loss"] = loss.detach()
             ok = dist_.all_true(ctx, ok and bool(torch.isfinite(loss).item()))
             if not ok:
                 continue
-            scaler.scale(loss / acc).backward()
+            if at_output:
+                x_hat.backward(scaler.scale(out_grad / acc))
+            else:
+                scaler.scale(loss / acc).backward()
             if gan_on:
                 with autocast(cfg.precision, self.device):
                     d_loss, d_logs = gan.discriminator_loss(x, x_hat, step)
