@@ -31,7 +31,7 @@ from vaeft.train.precision import autocast, grad_scaler
 LAST_LAYER = "decoder.conv_out.weight"
 # TrainPhaseParams.adam_impl -> torch.optim.Adam keyword arguments (for G and D alike).
 ADAM_IMPLS: dict[str, dict[str, bool]] = {
-    "default": {}, "for-loop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True},
+    "fused": {"fused": True}, "foreach": {"foreach": True}, "for-loop": {"foreach": False},
 }
 
 
@@ -39,6 +39,18 @@ def _mean_logs(acc: dict[str, torch.Tensor], logs: dict[str, torch.Tensor], k: i
     for name, v in logs.items():
         if not name.startswith("_"):
             acc[name] = acc.get(name, 0.0) + v.detach().float() / k
+
+
+def compile_decoder(decoder: torch.nn.Module) -> None:
+    """torch.compile the decoder block by block, in place (state-dict keys unchanged).
+
+    Not as one graph: the adaptive GAN weight asks for the gradient of conv_out.weight alone, and
+    a compiled graph's backward computes every input's gradient, so a whole-decoder graph would
+    run the decoder's backward three times per step. conv_norm_out, the activation and conv_out
+    stay eager. (Toy scale on CPU: whole decoder 0.76x of eager, block by block 1.00x.)
+    """
+    for block in (decoder.conv_in, decoder.mid_block, *decoder.up_blocks):
+        block.compile()
 
 
 @dataclass
@@ -88,7 +100,7 @@ class TrainStep:
         self.ema = Ema(self.named, cfg.ema_decay) if cfg.ema else None
         self.noise = torch.Generator().manual_seed(seed + 1 + 1000 * self.ctx.rank)
         if cfg.compile:
-            vae.decoder.compile()  # in place: state-dict keys unchanged
+            compile_decoder(vae.decoder)
         self.decoder_only = cfg.trainable == "decoder"
 
     grad_at_output = True
