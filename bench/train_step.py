@@ -176,6 +176,9 @@ class Variant:
     cached_moments: bool = False
     compile_mode: str | None = None  # torch.compile mode for the decoder, e.g. reduce-overhead
     ldm_backward: bool = False  # the adaptive weight LDM's way: LPIPS and D backward twice
+    # The whole decoder as one graph (the engine compiles it block by block, see
+    # vaeft.train.step.compile_decoder).
+    compile_whole: bool = False
     note: str = ""
 
     def apply(self, step) -> None:
@@ -191,6 +194,8 @@ class Variant:
             step.vae.set_attn_processor(AttnProcessor())
         if self.compile_mode is not None:
             step.vae.decoder.compile(mode=self.compile_mode)
+        if self.compile_whole:
+            step.vae.decoder.compile()
 
 
 # ------------------------------------------------------------------------------------ naive side
@@ -378,8 +383,8 @@ def cpu_memory_probe(kind: str, cfg, arch, seed: int, res: int, batch: int, step
 def lever_variants(device: torch.device, with_compile: bool) -> list[Variant]:
     levers = [
         Variant("channels_last", {"channels_last": True}, note="engine option channels_last"),
-        Variant("adam foreach", {"adam_impl": "foreach"}, note="engine option adam_impl"),
-        Variant("adam fused", {"adam_impl": "fused"}, note="engine option adam_impl"),
+        Variant("adam foreach", {"adam_impl": "foreach"}, note="engine option adam_impl (default fused)"),
+        Variant("adam for-loop", {"adam_impl": "for-loop"}, note="engine option adam_impl (default fused)"),
         Variant("bf16 autocast", {"precision": "bf16"}, note="engine option precision"),
         Variant("LPIPS backbone in bf16", lpips_bf16=True, note="bench variant"),
         Variant("cached posterior moments", cached_moments=True, note="bench variant: encoder skipped"),
@@ -391,20 +396,20 @@ def lever_variants(device: torch.device, with_compile: bool) -> list[Variant]:
     if device.type == "cuda":
         levers += [
             Variant("bf16 + channels_last", {"precision": "bf16", "channels_last": True}),
-            Variant("bf16 + channels_last + fused", {"precision": "bf16", "channels_last": True, "adam_impl": "fused"}),
+
         ]
     if with_compile:
         levers += [
-            Variant("compile decoder", {"compile": True}, note="engine option compile"),
+            Variant("compile decoder", {"compile": True}, note="engine option compile: block by block, conv_out eager"),
+            Variant("compile whole decoder", compile_whole=True, note="bench variant: one graph, conv_out inside"),
             Variant("compile LPIPS backbone", compile_lpips=True, note="bench variant"),
         ]
         if device.type == "cuda":
             levers += [
-                Variant("bf16 + channels_last + fused + compile",
-                        {"precision": "bf16", "channels_last": True, "adam_impl": "fused", "compile": True},
-                        compile_lpips=True),
-                Variant("CUDA graphs (decoder compile reduce-overhead)", {"precision": "bf16", "channels_last": True,
-                        "adam_impl": "fused"}, compile_mode="reduce-overhead", note="bench variant, untested"),
+                Variant("bf16 + channels_last + compile (decoder, LPIPS)",
+                        {"precision": "bf16", "channels_last": True, "compile": True}, compile_lpips=True),
+                Variant("CUDA graphs (decoder compile reduce-overhead)", {"precision": "bf16", "channels_last": True},
+                        compile_mode="reduce-overhead", note="bench variant, untested"),
             ]
     return levers
 
@@ -432,7 +437,7 @@ def paired(base: Side, other: Side) -> tuple[float, float, float]:
 
 def run_levers(args, cfg, arch, device, x_u8) -> None:
     print()
-    print(f"levers: each vs vaeft's default config (fp32, NCHW, no compile, adam default), "
+    print(f"levers: each vs vaeft's default config (fp32, NCHW, no compile, fused Adam), "
           f"{args.warmup} warm-up + {args.lever_steps} interleaved steps each; speed-up = median over "
           f"step pairs of (default step time / lever step time), [min, max] over pairs")
     base = make_side("vaeft", cfg, arch, device, args.seed, x_u8)
@@ -443,12 +448,17 @@ def run_levers(args, cfg, arch, device, x_u8) -> None:
           + "  note")
     print(f"{'(vaeft default)':<46} {'':>10} {'':>11} {'':>8} {'':>14} {base.flops / args.batch / 1e9:9.6g} "
           f"{base.warmup_s[0]:12.2f} {0.0:20.2e}" + (f"  {base.peak_mib:8.0f}" if mem_col else ""))
-    for v in lever_variants(device, args.compile_levers):
+    variants = lever_variants(device, args.compile_levers)
+    if args.only:
+        wanted = [w.strip() for w in args.only.split(",")]
+        variants = [v for v in variants if any(w in v.name for w in wanted)]
+    for v in variants:
         base.times.clear()
         try:
             side = make_side("vaeft", cfg, arch, device, args.seed, x_u8, v)
             # FlopCounterMode cannot look inside compiled graphs.
-            warm_up(side, args.warmup, device, flops=not (v.compile_lpips or v.compile_mode or v.cfg.get("compile")))
+            compiled = v.compile_lpips or v.compile_whole or v.compile_mode or v.cfg.get("compile")
+            warm_up(side, args.warmup, device, flops=not compiled)
             interleave(base, side, args.lever_steps, device)
         except Exception as err:  # noqa: BLE001 - one failing lever must not hide the others
             print(f"lever {v.name:<40} | failed: {type(err).__name__}: {str(err).splitlines()[0][:160]}")
@@ -466,6 +476,50 @@ def run_levers(args, cfg, arch, device, x_u8) -> None:
         if device.type == "cuda":
             torch.cuda.empty_cache()
     print("('first step' includes compilation where a lever compiles; the last warm-up step counts FLOPs)")
+
+
+def run_update_costs(args, device) -> None:
+    """The optimizer and EMA updates alone, on the SD decoder side's parameters (49.49 M): the part
+    of a step the Adam implementation and the EMA code change, measured without the rest of the
+    step's noise. Rounds alternate the order of the variants."""
+    from vaeft.model.build import build_autoencoder
+    from vaeft.model.freeze import configure_trainable
+    from vaeft.train.ema import Ema
+    from vaeft.train.step import ADAM_IMPLS
+
+    torch.manual_seed(args.seed)
+    vae = build_autoencoder(make_arch("sd", 256)).to(device)
+    named = configure_trainable(vae, "decoder")
+    params = list(named.values())
+    for p in params:
+        p.grad = torch.randn_like(p) * 1e-3
+    n = sum(p.numel() for p in params)
+    cfg = make_cfg("sd", 12)
+    impls = list(ADAM_IMPLS)
+    opts = {k: torch.optim.Adam(params, lr=cfg.lr, betas=cfg.betas, **ADAM_IMPLS[k]) for k in impls}
+    ema = Ema(named, cfg.ema_decay)
+    loop_shadow = {k: v.clone() for k, v in ema.shadow.items()}
+
+    def ema_loop() -> None:
+        # LitEma's per-parameter update, three kernels per tensor (vaeft's EMA before the lerp).
+        with torch.no_grad():
+            for name, p in named.items():
+                s = loop_shadow[name]
+                s.sub_((1.0 - ema.current_decay()) * (s - p.detach().float()))
+
+    jobs = [*((f"adam {k}", opts[k].step) for k in impls), ("ema (vaeft, foreach lerp)", lambda: ema.update(named)),
+            ("ema per-parameter loop", ema_loop)]
+    times: dict[str, list[float]] = {name: [] for name, _ in jobs}
+    for r in range(args.steps + 1):  # round 0 creates the optimizer states: not timed
+        for name, fn in (jobs if r % 2 == 0 else jobs[::-1]):
+            t = common.timed(fn, device)
+            if r:
+                times[name].append(t)
+    print()
+    print(f"update costs on the SD decoder side ({n / 1e6:.2f} M parameters in {len(params)} tensors), "
+          f"median of {args.steps} rounds:")
+    for name, _ in jobs:
+        print(f"update {name:<26} {1e3 * statistics.median(times[name]):8.1f} ms per step")
 
 
 # ------------------------------------------------------------------------------------------- main
@@ -497,11 +551,14 @@ def parse_args(argv=None):
                     help="vaeft side; default bf16 on CUDA (the recipe's), fp32 on CPU")
     ap.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                     help="vaeft side; default on for CUDA, off for CPU")
-    ap.add_argument("--adam-impl", choices=["default", "for-loop", "foreach", "fused"], default=None,
-                    help="vaeft side; default fused on CUDA, the engine default on CPU")
+    ap.add_argument("--adam-impl", choices=["fused", "foreach", "for-loop"], default="fused",
+                    help="vaeft side (engine option adam_impl, default fused)")
     ap.add_argument("--compile", action="store_true", help="vaeft side: torch.compile the decoder (engine option)")
     ap.add_argument("--levers", action="store_true", help="the lever table instead of the naive comparison")
+    ap.add_argument("--update-costs", action="store_true",
+                    help="only time Adam (each implementation) and the EMA on the SD decoder's parameters")
     ap.add_argument("--lever-steps", type=int, default=None)
+    ap.add_argument("--only", default=None, help="levers whose name contains one of these comma-separated words")
     ap.add_argument("--compile-levers", action=argparse.BooleanOptionalAction, default=None,
                     help="include torch.compile levers (default: on CUDA only; slow to compile on CPU)")
     ap.add_argument("--no-flops", action="store_true", help="skip the FlopCounterMode step")
@@ -526,7 +583,6 @@ def parse_args(argv=None):
     cuda = device.type == "cuda"
     args.precision = args.precision or ("bf16" if cuda else "fp32")
     args.channels_last = cuda if args.channels_last is None else args.channels_last
-    args.adam_impl = args.adam_impl or ("fused" if cuda else "default")
     return args, device
 
 
@@ -544,7 +600,7 @@ def main(argv=None) -> None:
 
     # CPU peak RSS per side, each alone in a forked child: before this process runs any torch op.
     cpu_mem: dict[str, float | None] = {}
-    if device.type == "cpu" and not args.no_memory and not args.levers:
+    if device.type == "cpu" and not (args.no_memory or args.levers or args.update_costs):
         for kind, cfg in (("naive", base_cfg), ("vaeft", vaeft_cfg)):
             cpu_mem[kind] = cpu_memory_probe(kind, cfg, arch, args.seed, args.res, args.batch, args.warmup + 1)
 
@@ -558,6 +614,9 @@ def main(argv=None) -> None:
     print(f"note: {common.RANDOM_WEIGHTS_NOTE}")
     x_u8 = torch.from_numpy(common.photo_batch(args.batch, args.res)).to(device)
 
+    if args.update_costs:
+        run_update_costs(args, device)
+        return
     if args.levers:
         run_levers(args, base_cfg, arch, device, x_u8)
         return
