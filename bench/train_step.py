@@ -26,8 +26,10 @@ import argparse
 import copy
 import itertools
 import math
+import os
 import statistics
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,7 +48,7 @@ SMOKE_ARCH = {"block_out_channels": [16, 16, 32, 32], "layers_per_block": 1, "no
 # scale -> (architecture overrides or None for the recipe's SD config, resolution, batch, steps, warmup)
 PRESETS = {
     "smoke": (SMOKE_ARCH, 16, 2, 2, 1),
-    "toy": (TOY_ARCH, 64, 4, 10, 2),
+    "toy": (TOY_ARCH, 64, 4, 16, 2),
     "sd": (None, 256, 12, 20, 3),
 }
 # The recipe's PatchGAN (3 layers) needs >= 32²; the smoke run's 16² crops get a 2-layer one.
@@ -475,7 +477,8 @@ def run_levers(args, cfg, arch, device, x_u8) -> None:
         del side
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    print("('first step' includes compilation where a lever compiles; the last warm-up step counts FLOPs)")
+    print("('first step' includes compilation where a lever compiles, from an empty inductor cache unless "
+          "TORCHINDUCTOR_CACHE_DIR is set; the last warm-up step counts FLOPs)")
 
 
 def run_update_costs(args, device) -> None:
@@ -515,7 +518,6 @@ def run_update_costs(args, device) -> None:
             t = common.timed(fn, device)
             if r:
                 times[name].append(t)
-    print()
     print(f"update costs on the SD decoder side ({n / 1e6:.2f} M parameters in {len(params)} tensors), "
           f"median of {args.steps} rounds:")
     for name, _ in jobs:
@@ -588,6 +590,9 @@ def parse_args(argv=None):
 
 def main(argv=None) -> None:
     args, device = parse_args(argv)
+    if (args.compile or args.compile_levers) and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+        # A fresh inductor cache: first-step times are then cold compile times, as on a new machine.
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="vaeft-bench-inductor-")
     if args.threads:
         torch.set_num_threads(args.threads)
     common.ensure_torchvision()
@@ -604,8 +609,12 @@ def main(argv=None) -> None:
         for kind, cfg in (("naive", base_cfg), ("vaeft", vaeft_cfg)):
             cpu_mem[kind] = cpu_memory_probe(kind, cfg, arch, args.seed, args.res, args.batch, args.warmup + 1)
 
-    print(f"== vaeft train-step benchmark ({args.scale_name}{', --levers' if args.levers else ''}) ==")
+    mode = ", --levers" if args.levers else ", --update-costs" if args.update_costs else ""
+    print(f"== vaeft train-step benchmark ({args.scale_name}{mode}) ==")
     print(common.machine_line(device))
+    if args.update_costs:
+        run_update_costs(args, device)
+        return
     print(f"model: AutoencoderKL block_out_channels {arch.block_out_channels}, layers_per_block "
           f"{arch.layers_per_block}, norm_num_groups {arch.norm_num_groups}; batch {args.batch} at {args.res}²")
     print(f"loss: {base_cfg.loss.l1:g}*L1 + {base_cfg.loss.lpips:g}*LPIPS-{base_cfg.loss.lpips_net} "
@@ -614,9 +623,6 @@ def main(argv=None) -> None:
     print(f"note: {common.RANDOM_WEIGHTS_NOTE}")
     x_u8 = torch.from_numpy(common.photo_batch(args.batch, args.res)).to(device)
 
-    if args.update_costs:
-        run_update_costs(args, device)
-        return
     if args.levers:
         run_levers(args, base_cfg, arch, device, x_u8)
         return

@@ -100,7 +100,8 @@ def test_eval_throughput_smoke(smoke_outputs):
                         ("psim_candidate", 1e-3), ("shift_r", 1e-2), ("saturation_ratio", 1e-4),
                         ("Inception feature mean", 1e-3)):
         assert _value(rf"agreement.*{metric} {NUM}", text) <= tol, metric
-    _positive(rf"^image loading .*: {NUM} ms/img", text)
+    _positive(rf"^image loading .*: 1 thread {NUM} ms/img", text)
+    _positive(rf"^image loading .*, pool of \d+ {NUM} ms/img", text)
     _positive(rf"^5000-image eval, extrapolated: vaeft {NUM} s", text)
 
 
