@@ -130,8 +130,8 @@ def _cached_moments_class():
     class _Cached(TrainStep):
         """The engine's step with the frozen encoder replaced by a lookup of its posterior moments.
 
-        The benchmark feeds one fixed batch, so the first call's moments are exact for every
-        later step: this measures the saving of a perfect cache (materialised crops seen again).
+        The benchmark feeds one fixed batch, so moments computed once (:meth:`prime`) are exact
+        for every step: this measures the saving of a perfect cache (materialised crops seen again).
         """
 
         _moments: torch.Tensor | None = None
@@ -287,6 +287,7 @@ class Side:
     first_loss: float = math.nan
     resident_mib: float = math.nan
     peak_mib: float = math.nan  # CUDA: resident state + the largest transient of a step
+    mem_base: int = 0  # CUDA: bytes allocated before this side was built
     flops: float = math.nan  # per step
 
     def step(self) -> dict[str, float]:
@@ -296,21 +297,26 @@ class Side:
 
 
 def make_side(kind: str, cfg, arch, device, seed: int, batch_u8: torch.Tensor, variant: Variant | None = None) -> Side:
+    base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
     batches = itertools.repeat(batch_u8)
     if kind == "naive":
-        return Side("naive", NaiveStep(cfg, arch, device, seed), lambda o, i, b: o(i, b), batches)
-    if variant is not None and variant.cfg:
-        cfg = cfg.model_copy(update=variant.cfg)
-    step = build_vaeft(cfg, arch, device, seed, variant)
-    if variant is not None and variant.cached_moments:
-        step.prime(batch_u8)
-    return Side(variant.name if variant else "vaeft", step, run_vaeft, batches)
+        side = Side("naive", NaiveStep(cfg, arch, device, seed), lambda o, i, b: o(i, b), batches)
+    else:
+        if variant is not None and variant.cfg:
+            cfg = cfg.model_copy(update=variant.cfg)
+        step = build_vaeft(cfg, arch, device, seed, variant)
+        if variant is not None and variant.cached_moments:
+            step.prime(batch_u8)
+        side = Side(variant.name if variant else "vaeft", step, run_vaeft, batches)
+    side.mem_base = base
+    return side
 
 
 def warm_up(side: Side, n: int, device: torch.device, flops: bool = False) -> None:
     """``n`` >= 1 warm-up steps, timed but not counted; on CUDA also the side's resident memory and
     its warm-up peak. ``flops``: count the FLOPs of the last warm-up step (not a timed one)."""
-    base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+    # Everything this side allocated since before it was built (weights, LPIPS, D) counts.
+    base = side.mem_base
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     for k in range(max(1, n)):
@@ -351,7 +357,8 @@ def interleave(a: Side, b: Side, steps: int, device: torch.device) -> None:
 
 
 def count_flops(side: Side) -> dict[str, float]:
-    """One step under torch's FlopCounterMode: FLOPs of everything the step executes."""
+    """One step under torch's FlopCounterMode (FLOPs of everything it executes, into
+    ``side.flops``); returns the step's logs."""
     from torch.utils.flop_counter import FlopCounterMode
 
     with FlopCounterMode(display=False, depth=1) as counter:
@@ -398,7 +405,6 @@ def lever_variants(device: torch.device, with_compile: bool) -> list[Variant]:
     if device.type == "cuda":
         levers += [
             Variant("bf16 + channels_last", {"precision": "bf16", "channels_last": True}),
-
         ]
     if with_compile:
         levers += [
@@ -581,7 +587,7 @@ def parse_args(argv=None):
     args.warmup = args.warmup if args.warmup is not None else warmup
     args.lever_steps = args.lever_steps or (1 if args.smoke else max(4, args.steps // 2))
     if args.compile_levers is None:
-        args.compile_levers = device.type == "cuda"
+        args.compile_levers = device.type == "cuda" and not args.smoke  # compiling takes minutes
     cuda = device.type == "cuda"
     args.precision = args.precision or ("bf16" if cuda else "fp32")
     args.channels_last = cuda if args.channels_last is None else args.channels_last

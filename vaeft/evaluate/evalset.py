@@ -84,8 +84,8 @@ def iter_batches(items: list[EvalItem], size: int, batch_size: int, workers: int
     """(items, uint8 B x size x size x 3) batches, in order, read ahead by a thread pool.
 
     Decoding and resizing release the GIL, so while the caller scores one batch the next
-    ``prefetch`` load in parallel: one core loads ~135 COCO-sized JPEGs/s, which alone would be
-    ~37 s of a 5000-image evaluation if it ran between the GPU's batches (BENCHMARKS.md).
+    ``prefetch`` load in parallel: one core loads ~130 COCO-sized JPEGs/s, which alone would be
+    ~38 s of a 5000-image evaluation if it ran between the GPU's batches (BENCHMARKS.md).
     Memory stays bounded by ``prefetch`` batches. ``workers`` 0 or 1: load in the caller's thread.
     """
     workers = min(8, os.cpu_count() or 1) if workers is None else workers
