@@ -61,6 +61,21 @@ def reconstruct_batch(vae, images: np.ndarray, device: torch.device, bf16: bool 
     return u8.permute(0, 2, 3, 1).cpu().numpy()
 
 
+def score_batch(vae, pair: PairMetrics, batch: np.ndarray, device: torch.device, bf16: bool, acc: Accumulator,
+                ref_stats: RunningStats | None) -> np.ndarray:
+    """Reconstruct one uint8 NHWC batch and add its per-image metrics and Inception features to
+    ``acc``; with ``ref_stats`` also the originals' features (once per eval set, not per model).
+    The evaluate stage's unit of work (``bench/eval_throughput.py`` times it). Returns the
+    reconstructions."""
+    recon = reconstruct_batch(vae, batch, device, bf16)
+    acc.add(pair.per_image(batch, recon), pair.features(recon))
+    if ref_stats is not None:
+        f = pair.features(batch)
+        if f is not None:
+            ref_stats.update(f)
+    return recon
+
+
 @torch.no_grad()
 def reconstruct(model_path: str | Path, images: np.ndarray, batch_size: int, bf16: bool = False) -> np.ndarray:
     """All of ``images`` reconstructed (small sets only; the stage itself streams)."""
@@ -205,12 +220,9 @@ def evaluate_models(
             grid_recons[name] = []
             seen = 0
             for _, batch in iter_batches(items, params.image_size, params.batch_size):
-                recon = reconstruct_batch(vae, batch, device, params.bf16_autocast)
-                acc.add(pair.per_image(batch, recon), pair.features(recon))
+                recon = score_batch(vae, pair, batch, device, params.bf16_autocast, acc,
+                                    ref_stats if m_idx == 0 else None)
                 if m_idx == 0:
-                    f = pair.features(batch)
-                    if f is not None:
-                        ref_stats.update(f)
                     grid_orig.extend(batch[: max(0, params.grid_rows - seen)])
                 grid_recons[name].extend(recon[: max(0, params.grid_rows - seen)])
                 seen += len(batch)

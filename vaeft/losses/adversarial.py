@@ -38,13 +38,27 @@ def gradient_penalty(critic: torch.nn.Module, real: torch.Tensor, fake: torch.Te
     return (grad.float().flatten(1).norm(dim=1) - 1.0).square().mean()
 
 
+def _weight(nll_grad: torch.Tensor, g_grad: torch.Tensor, disc_weight: float) -> torch.Tensor:
+    d_weight = nll_grad.float().norm() / (g_grad.float().norm() + ADAPTIVE_EPS)
+    return (d_weight.clamp(0.0, ADAPTIVE_MAX) * disc_weight).detach()
+
+
 def adaptive_weight(nll: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor,
                     disc_weight: float) -> torch.Tensor:
     """disc_weight · clamp(‖∇nll‖ / (‖∇g‖ + 1e-4), 0, 1e4) at ``last_layer``, fp32 and detached."""
     (nll_grad,) = torch.autograd.grad(nll, last_layer, retain_graph=True)
     (g_grad,) = torch.autograd.grad(g_loss, last_layer, retain_graph=True)
-    d_weight = nll_grad.float().norm() / (g_grad.float().norm() + ADAPTIVE_EPS)
-    return (d_weight.clamp(0.0, ADAPTIVE_MAX) * disc_weight).detach()
+    return _weight(nll_grad, g_grad, disc_weight)
+
+
+def adaptive_weight_at_output(nll_out_grad: torch.Tensor, g_out_grad: torch.Tensor, output: torch.Tensor,
+                              last_layer: torch.Tensor, disc_weight: float) -> torch.Tensor:
+    """:func:`adaptive_weight` from the two losses' gradients at ``output``, the tensor
+    ``last_layer`` produces: only that layer's weight gradient is computed from each (cheap), so
+    LPIPS and D need not be back-propagated a second time. The graph below ``output`` is kept."""
+    (nll_grad,) = torch.autograd.grad(output, last_layer, grad_outputs=nll_out_grad, retain_graph=True)
+    (g_grad,) = torch.autograd.grad(output, last_layer, grad_outputs=g_out_grad, retain_graph=True)
+    return _weight(nll_grad, g_grad, disc_weight)
 
 
 def disc_factor(step: int, disc_start: int, factor: float = 1.0) -> float:

@@ -6,7 +6,9 @@ fresh every step (as LDM trained). The phase's output is a diffusers folder of t
 
 One optimizer step = ``accumulate`` micro-batches of ``batch_size`` on each of the torchrun
 ranks; micro-batch i of rank r is a pure function of (seed, i, r), so resume is exact. Only
-rank 0 writes checkpoints, logs and the model. Helpers: :mod:`.distributed`, :mod:`.precision`,
+rank 0 writes checkpoints, logs and the model. The step itself (micro-batches, losses, backward,
+optimizer, EMA) is :class:`vaeft.train.step.TrainStep`; this module is the loop around it: data,
+resume, skipped steps, logs and checkpoints. Helpers: :mod:`.distributed`, :mod:`.precision`,
 :mod:`.gan`, :mod:`.logs`.
 """
 
@@ -23,25 +25,20 @@ from vaeft import atomic, provenance
 from vaeft.augment.materialize import INDEX_FILE, has_crops
 from vaeft.config import Params, TrainPhaseParams
 from vaeft.console import banner, console, progress
-from vaeft.data.loader import to_model_range, train_batches
+from vaeft.data.loader import train_batches
 from vaeft.data.manifest import MANIFEST_FILE
 from vaeft.errors import VaeftError
 from vaeft.hashing import tree_sha256
 from vaeft.losses.reconstruction import ReconstructionLoss
 from vaeft.model.build import build_autoencoder
-from vaeft.model.freeze import configure_trainable
 from vaeft.model.io import load_with_architecture, save_diffusers
 from vaeft.train import distributed as dist_
 from vaeft.train.checkpoint import CheckpointStore, fingerprint
-from vaeft.train.ema import Ema
-from vaeft.train.gan import GanTrainer
 from vaeft.train.logs import ReconstructionGrids, log_csv, memory_mb, print_row, tensorboard_writer
-from vaeft.train.precision import autocast, grad_scaler
+from vaeft.train.step import TrainStep
 
 PHASES = ("pretrain", "ema", "mse")
 MAX_CONSECUTIVE_NONFINITE = 20
-# The decoder's last layer, where LDM takes the gradients of its adaptive GAN weight.
-LAST_LAYER = "decoder.conv_out.weight"
 
 
 class NonFiniteError(VaeftError, RuntimeError):
@@ -82,12 +79,6 @@ def build_loss(cfg: TrainPhaseParams) -> ReconstructionLoss:
 
         lpips = load_lpips_loss(cfg.loss.lpips_net)
     return ReconstructionLoss(cfg.loss, lpips)
-
-
-def _mean_logs(acc: dict[str, torch.Tensor], logs: dict[str, torch.Tensor], k: int) -> None:
-    for name, v in logs.items():
-        if not name.startswith("_"):
-            acc[name] = acc.get(name, 0.0) + v.detach().float() / k
 
 
 def train_phase(
@@ -132,27 +123,8 @@ def _train(phase: str, params: Params, cfg: TrainPhaseParams, ctx: dist_.DistCon
     else:
         vae = load_with_architecture(init, params.model.architecture)
         init_digest = tree_sha256(init)
-    if cfg.gradient_checkpointing:
-        vae.enable_gradient_checkpointing()
-    vae.to(device)
-    if cfg.channels_last:
-        vae.to(memory_format=torch.channels_last)
-    named = configure_trainable(vae, cfg.trainable)
-    g_params = list(named.values())
-    groups: list[dict] = [{"params": g_params}]
-    if cfg.loss.learn_logvar:
-        groups.append({"params": [loss_fn.logvar]})
-        g_params = g_params + [loss_fn.logvar]
-    opt = torch.optim.Adam(groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-    gan = GanTrainer(cfg.gan, cfg.lr, cfg.betas, device, params.seed + 2) if cfg.gan is not None else None
-    if gan is not None and LAST_LAYER not in named:
-        raise VaeftError(f"the GAN's adaptive weight needs {LAST_LAYER} to train")
-    last_layer = named.get(LAST_LAYER)
-    scaler = grad_scaler(cfg.precision, device)
-    ema = Ema(named, cfg.ema_decay) if cfg.ema else None
-    noise = torch.Generator().manual_seed(params.seed + 1 + 1000 * ctx.rank)
-    if cfg.compile:
-        vae.decoder.compile()  # in place: state-dict keys unchanged
+    runner = TrainStep(cfg, vae, loss_fn, device, params.seed, ctx)
+    opt, gan, scaler, ema, noise, named = runner.opt, runner.gan, runner.scaler, runner.ema, runner.noise, runner.named
 
     store = CheckpointStore(
         state_root / phase,
@@ -195,7 +167,6 @@ def _train(phase: str, params: Params, cfg: TrainPhaseParams, ctx: dist_.DistCon
     grids = (ReconstructionGrids(log_file, data_dir, params.augment.crop_size, cfg.image_count)
              if main and log_file is not None and cfg.image_every else None)
     tb = tensorboard_writer(log_file) if main else None
-    decoder_only = cfg.trainable == "decoder"
     consecutive_bad = 0
     last_loss = math.nan
     t0 = time.perf_counter()
@@ -206,57 +177,11 @@ def _train(phase: str, params: Params, cfg: TrainPhaseParams, ctx: dist_.DistCon
     with progress() as bar:
         task = bar.add_task(f"train {phase}", total=cfg.steps, completed=start, info="", visible=main)
         for step in range(start, cfg.steps):
-            gan_on = gan is not None and gan.active(step)
-            ok, logs = True, {}
-            opt.zero_grad(set_to_none=True)
-            if gan is not None:
-                gan.opt.zero_grad(set_to_none=True)
-            for _ in range(acc):
-                # Every micro-batch is drawn even after a bad one, so the data stay aligned with the step.
-                x = to_model_range(next(loader), device)
-                if cfg.channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                with autocast(cfg.precision, device):
-                    with torch.set_grad_enabled(not decoder_only):
-                        posterior = vae.encode(x).latent_dist
-                    z = posterior.sample(generator=noise)
-                    x_hat = vae.decode(z).sample
-                kl = posterior.kl() if (cfg.loss.kl > 0 and not decoder_only) else None
-                loss, micro = loss_fn(x, x_hat, kl)
-                if gan_on:
-                    with autocast(cfg.precision, device):
-                        g_term, g_logs = gan.generator_term(x_hat, micro["_nll"], last_layer, step)
-                    loss = loss + g_term
-                    micro.update(g_logs)
-                    micro["loss"] = loss.detach()
-                ok = dist_.all_true(ctx, ok and bool(torch.isfinite(loss).item()))
-                if not ok:
-                    continue
-                scaler.scale(loss / acc).backward()
-                if gan_on:
-                    with autocast(cfg.precision, device):
-                        d_loss, d_logs = gan.discriminator_loss(x, x_hat, step)
-                    micro.update(d_logs)
-                    scaler.scale(d_loss / acc).backward()
-                _mean_logs(logs, micro, acc)
-            grad_norm = torch.tensor(math.nan)
-            if ok:
-                dist_.average_gradients(ctx, g_params)
-                scaler.unscale_(opt)
-                grad_norm = torch.nn.utils.clip_grad_norm_(g_params, cfg.grad_clip or math.inf)
-                ok = bool(torch.isfinite(grad_norm).item())
-                if gan_on:
-                    dist_.average_gradients(ctx, gan.disc.parameters())
-                    scaler.unscale_(gan.opt)
-                    d_norm = torch.nn.utils.clip_grad_norm_(gan.disc.parameters(), math.inf)
-                    ok = ok and bool(torch.isfinite(d_norm).item())
-                    logs["d_grad_norm"] = d_norm
-            if not ok:
-                if scaler.is_enabled() and grad_norm.isfinite().logical_not().item():
-                    scaler.update()  # fp16 overflow: lower the scale, as GradScaler would
+            result = runner(step, loader)
+            logs, grad_norm = result.logs, result.grad_norm
+            if not result.ok:
                 skipped += 1
                 consecutive_bad += 1
-                opt.zero_grad(set_to_none=True)
                 if main:
                     console.print(f"[yellow]step {step}: non-finite loss or gradient, step skipped[/]")
                 if consecutive_bad >= MAX_CONSECUTIVE_NONFINITE:
@@ -267,13 +192,6 @@ def _train(phase: str, params: Params, cfg: TrainPhaseParams, ctx: dist_.DistCon
                 bar.update(task, advance=1)
                 continue
             consecutive_bad = 0
-            scaler.step(opt)
-            if gan_on:
-                scaler.step(gan.opt)
-                dist_.average_buffers(ctx, gan.disc)
-            scaler.update()
-            if ema is not None:
-                ema.update(named)
             n_window += cfg.batch_size * acc * ctx.world_size
             done = step + 1
             if done % cfg.log_every == 0 or done == cfg.steps:

@@ -1,6 +1,8 @@
 """The discriminator side of a phase: D, its own optimizer, and the G / D adversarial terms.
 
-Per optimizer step the generator gets g = -mean D(x̂) weighted by the adaptive weight, and D
+Per optimizer step the generator gets g = -mean D(x̂) weighted by the adaptive weight (either
+as a loss term, :meth:`GanTrainer.generator_term`, or as its gradient at x̂,
+:meth:`GanTrainer.generator_grad_at_output`, which saves a second LPIPS and D backward), and D
 takes its own step on (x, x̂.detach()) from the same forward pass (LDM recomputes x̂ with the
 updated G for its D step; reusing it saves a decoder forward and changes D's input by one
 generator step). Both terms are gated by ``disc_start``. While the generator term is computed,
@@ -14,6 +16,7 @@ import torch
 from vaeft.config import GanParams
 from vaeft.losses.adversarial import (
     adaptive_weight,
+    adaptive_weight_at_output,
     disc_factor,
     generator_loss,
     gradient_penalty,
@@ -25,10 +28,11 @@ from vaeft.losses.discriminator import NLayerDiscriminator
 
 class GanTrainer:
     def __init__(self, cfg: GanParams, g_lr: float, g_betas: tuple[float, float], device: torch.device,
-                 seed: int, in_channels: int = 3) -> None:
+                 seed: int, in_channels: int = 3, adam_kwargs: dict | None = None) -> None:
         self.cfg = cfg
         self.disc = NLayerDiscriminator(in_channels, cfg.ndf, cfg.n_layers, cfg.norm).to(device).train()
-        self.opt = torch.optim.Adam(self.disc.parameters(), lr=cfg.lr or g_lr, betas=cfg.betas or g_betas)
+        self.opt = torch.optim.Adam(self.disc.parameters(), lr=cfg.lr or g_lr, betas=cfg.betas or g_betas,
+                                    **(adam_kwargs or {}))
         # The gradient penalty's interpolation points: its own stream, checkpointed for exact resume.
         self.rng = torch.Generator().manual_seed(seed)
 
@@ -48,6 +52,32 @@ class GanTrainer:
         else:
             d_weight = torch.tensor(self.cfg.disc_weight, device=g.device)
         return d_weight * factor * g, {"g_loss": g.detach(), "d_weight": d_weight}
+
+    def generator_grad_at_output(self, x_hat: torch.Tensor, nll: torch.Tensor, last_layer: torch.Tensor,
+                                 step: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """The same term as :meth:`generator_term`, for a caller that back-propagates from x̂.
+
+        Returns (∂(nll + term)/∂x̂, the term's value, logs). ``x_hat`` must be the decoder's output
+        as produced by ``last_layer`` (a dtype cast of it is fine). LDM's way takes the adaptive
+        weight's gradients at the last layer and then back-propagates nll + term again from the
+        loss: LPIPS and D each go backward twice. Here each goes backward once, to x̂; the two
+        gradients there give the last layer's weight gradients (one small conv each) and, combined,
+        the gradient the decoder needs. Same maths, up to float summation order.
+        """
+        factor = disc_factor(step, self.cfg.disc_start, self.cfg.disc_factor)
+        self.disc.requires_grad_(False)
+        try:
+            g = generator_loss(self.disc(x_hat))
+        finally:
+            self.disc.requires_grad_(True)
+        (nll_grad,) = torch.autograd.grad(nll, x_hat)
+        (g_grad,) = torch.autograd.grad(g, x_hat)
+        if self.cfg.adaptive_weight:
+            d_weight = adaptive_weight_at_output(nll_grad, g_grad, x_hat, last_layer, self.cfg.disc_weight)
+        else:
+            d_weight = torch.tensor(self.cfg.disc_weight, device=g.device)
+        weight = d_weight * factor
+        return nll_grad + weight * g_grad, weight * g.detach(), {"g_loss": g.detach(), "d_weight": d_weight}
 
     def discriminator_loss(self, x: torch.Tensor, x_hat: torch.Tensor, step: int
                            ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
