@@ -39,14 +39,18 @@ class GanTrainer:
     def active(self, step: int) -> bool:
         return disc_factor(step, self.cfg.disc_start, self.cfg.disc_factor) > 0
 
+    def _generator_loss(self, x_hat: torch.Tensor) -> torch.Tensor:
+        # D is frozen for G's term: its weights get no gradient from the generator's loss.
+        self.disc.requires_grad_(False)
+        try:
+            return generator_loss(self.disc(x_hat))
+        finally:
+            self.disc.requires_grad_(True)
+
     def generator_term(self, x_hat: torch.Tensor, nll: torch.Tensor, last_layer: torch.Tensor,
                        step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         factor = disc_factor(step, self.cfg.disc_start, self.cfg.disc_factor)
-        self.disc.requires_grad_(False)
-        try:
-            g = generator_loss(self.disc(x_hat))
-        finally:
-            self.disc.requires_grad_(True)
+        g = self._generator_loss(x_hat)
         if self.cfg.adaptive_weight:
             d_weight = adaptive_weight(nll, g, last_layer, self.cfg.disc_weight)
         else:
@@ -65,11 +69,7 @@ class GanTrainer:
         the gradient the decoder needs. Same maths, up to float summation order.
         """
         factor = disc_factor(step, self.cfg.disc_start, self.cfg.disc_factor)
-        self.disc.requires_grad_(False)
-        try:
-            g = generator_loss(self.disc(x_hat))
-        finally:
-            self.disc.requires_grad_(True)
+        g = self._generator_loss(x_hat)
         (nll_grad,) = torch.autograd.grad(nll, x_hat)
         (g_grad,) = torch.autograd.grad(g, x_hat)
         if self.cfg.adaptive_weight:
