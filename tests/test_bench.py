@@ -107,21 +107,16 @@ def test_eval_throughput_smoke(smoke_outputs):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_train_step_smoke_cuda():
-    proc = _start(SCRIPTS["train"], "--device", "cuda")
+@pytest.mark.parametrize(("script", "expected"), [
+    ("train", [rf"^vaeft\s+img/s.*peak_mem_mib {NUM}", rf"^MFU vaeft: {NUM}% of"]),
+    ("eval", [rf"^vaeft\s+img/s\s+{NUM}"]),
+])
+def test_smoke_cuda(script, expected):
+    proc = _start(SCRIPTS[script], "--device", "cuda")
     text, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, text[-3000:]
-    _positive(rf"^vaeft\s+img/s.*peak_mem_mib {NUM}", text)
-    _positive(rf"^MFU vaeft: {NUM}% of", text)
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_eval_throughput_smoke_cuda():
-    proc = _start(SCRIPTS["eval"], "--device", "cuda")
-    text, _ = proc.communicate(timeout=600)
-    assert proc.returncode == 0, text[-3000:]
-    _positive(rf"^vaeft\s+img/s\s+{NUM}", text)
+    for pattern in expected:
+        _positive(pattern, text)
 
 
 # The logged losses of this run from the engine before TrainStep existed (commit efff111,
