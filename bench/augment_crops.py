@@ -26,7 +26,7 @@ from PIL import Image
 from vaeft.augment.crops import naive_crop, render, render_array, sample_rng, sample_spec
 from vaeft.config import AugmentParams
 from vaeft.data.loader import decode_rgb
-from vaeft.evaluate.metrics import psnr
+from vaeft.metrics.psnr import psnr
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry", "retina", "colorwheel")
 

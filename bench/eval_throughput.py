@@ -32,10 +32,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402  (puts the repository root on sys.path)
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import common
+import numpy as np
+import torch
 
 TARGET_5000_S = 90.0
 EVAL_IMAGES = 5000
@@ -66,7 +65,7 @@ class NaiveEval:
         import lpips
         from torch_fidelity.utils import create_feature_extractor
 
-        from vaeft.evaluate.perceptual import _load_backbone
+        from vaeft.metrics.perceptual import _load_backbone
         from vaeft.weights import require
 
         self.vae, self.device = vae, device
@@ -129,7 +128,7 @@ def loading_ms(n: int, res: int, batch: int) -> dict[str, float]:
     from PIL import Image
     from skimage import data as skdata
 
-    from vaeft.evaluate.evalset import EvalItem, iter_batches
+    from vaeft.data.evalset import EvalItem, iter_batches
 
     names = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry")
     out = {}
@@ -150,7 +149,7 @@ def loading_ms(n: int, res: int, batch: int) -> dict[str, float]:
 
 def fid_final_s() -> float:
     """The Fréchet distance from 5000-image statistics (n > 2048: the 2048² eigendecomposition path)."""
-    from vaeft.evaluate.fid import RunningStats, fid_from_stats
+    from vaeft.metrics.fid import RunningStats, fid_from_stats
 
     rng = np.random.default_rng(0)
     a, b = RunningStats(), RunningStats()
@@ -187,9 +186,9 @@ def main(argv=None) -> None:
         torch.set_num_threads(args.threads)
     common.ensure_torchvision()
     common.use_random_weight_store()
-    from vaeft.evaluate.fid import RunningStats
     from vaeft.evaluate.report import score_batch
     from vaeft.evaluate.suite import Accumulator, MetricOptions, PairMetrics
+    from vaeft.metrics.fid import RunningStats
 
     vae = build_model(args.scale_name, args.res, args.seed).to(device)
     naive = NaiveEval(copy.deepcopy(vae), device)

@@ -34,10 +34,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402  (puts the repository root on sys.path)
-
-import torch  # noqa: E402
-import yaml  # noqa: E402
+import common
+import torch
+import yaml
 
 H100_DENSE_BF16_TFLOPS = 989.0  # H100 SXM spec sheet, dense (no sparsity)
 H100_MEASURED_MATMUL_TFLOPS = 790.0  # a large bf16 matmul on one H100 here (REFERENCE §5)
@@ -322,9 +321,9 @@ def warm_up(side: Side, n: int, device: torch.device, flops: bool = False) -> No
     for k in range(max(1, n)):
         holder = {}
         if flops and k == max(1, n) - 1:
-            side.warmup_s.append(common.timed(lambda: holder.update(count_flops(side)), device))
+            side.warmup_s.append(common.timed(lambda holder=holder: holder.update(count_flops(side)), device))
         else:
-            side.warmup_s.append(common.timed(lambda: holder.update(side.step()), device))
+            side.warmup_s.append(common.timed(lambda holder=holder: holder.update(side.step()), device))
         if k == 0:
             side.first_loss = holder["loss"]
     if device.type == "cuda":
@@ -539,9 +538,9 @@ def preload() -> None:
     import lpips  # noqa: F401
     from diffusers import AutoencoderKL  # noqa: F401
 
-    import vaeft.losses.lpips  # noqa: F401
-    import vaeft.losses.reconstruction  # noqa: F401
-    import vaeft.model.build  # noqa: F401
+    import vaeft.losses.lpips
+    import vaeft.losses.reconstruction
+    import vaeft.model.build
     import vaeft.train.step  # noqa: F401
 
 

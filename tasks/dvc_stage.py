@@ -17,7 +17,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
-from vaeft.cli import STATUS_FILE_ENV
+from vaeft.errors import STATUS_FILE_ENV
 
 
 class StageFailed(RuntimeError):

@@ -15,7 +15,7 @@ from vaeft.augment.crops import CropSpec, naive_crop, render, render_array, samp
 from vaeft.config import AugmentParams
 from vaeft.data.loader import CropStream, StepSampler, decode_rgb, train_batches
 from vaeft.data.manifest import read_manifest
-from vaeft.evaluate.metrics import psnr
+from vaeft.metrics.psnr import psnr
 
 
 def _params(**kw) -> AugmentParams:
@@ -145,7 +145,7 @@ def test_broken_file_is_replaced_deterministically(tmp_path, curated):
 
 
 def test_preview_grid_shows_the_training_samples(tmp_path, curated):
-    from vaeft.augment.preview import preview_grid
+    from vaeft.data.preview import preview_grid
 
     p = _params()
     result = preview_grid(curated, p, seed=0, out=tmp_path / "grid.png", n=5)
@@ -160,11 +160,11 @@ def test_materialized_crops_are_deterministic_and_replayable(tmp_path, curated):
     import pyarrow.parquet as pq
 
     from vaeft.augment.crops import CropSpec
-    from vaeft.augment.materialize import INDEX_FILE, ShardStream, has_crops, materialize_crops
+    from vaeft.data.materialize import INDEX_FILE, ShardStream, has_crops, materialize_crops
 
     p = _params(materialize=3, shard_size=16, max_angle=5.0)
     one = materialize_crops(curated, p, seed=7, out_dir=tmp_path / "w1", workers=1)
-    two = materialize_crops(curated, p, seed=7, out_dir=tmp_path / "w2", workers=2)
+    materialize_crops(curated, p, seed=7, out_dir=tmp_path / "w2", workers=2)
     n_train = len(read_manifest(curated, split="train"))
     assert one.n_crops == 3 * n_train and one.n_shards == -(-one.n_crops // 16)
     for name in [INDEX_FILE] + [f"shard-{i:05d}.npy" for i in range(one.n_shards)]:
@@ -184,7 +184,7 @@ def test_materialized_crops_are_deterministic_and_replayable(tmp_path, curated):
 
 
 def test_materialize_zero_means_online(tmp_path, curated):
-    from vaeft.augment.materialize import has_crops, materialize_crops
+    from vaeft.data.materialize import has_crops, materialize_crops
 
     result = materialize_crops(curated, _params(), seed=0, out_dir=tmp_path / "none")
     assert result.n_crops == 0 and not has_crops(tmp_path / "none")
@@ -193,7 +193,7 @@ def test_materialize_zero_means_online(tmp_path, curated):
 
 
 def test_training_reads_materialized_crops(tmp_path, curated, base_model, tiny_params):
-    from vaeft.augment.materialize import materialize_crops
+    from vaeft.data.materialize import materialize_crops
     from vaeft.train.engine import train_phase
 
     aug = tiny_params.augment.model_copy(update={"materialize": 2})

@@ -95,7 +95,7 @@ def test_tar_shards_stream_with_sidecars_and_refuse_unsafe_members(tmp_path):
 class _Handler(http.server.SimpleHTTPRequestHandler):
     hits: list[str] = []
 
-    def do_GET(self):  # noqa: N802
+    def do_GET(self):
         _Handler.hits.append(self.path)
         if self.path.startswith("/slow"):
             time.sleep(1.0)
@@ -120,7 +120,7 @@ def http_root(tmp_path):
 
 @pytest.mark.parametrize("fmt", ["parquet", "csv", "jsonl"])
 def test_table_source_fetches_urls_and_applies_laion_filters(tmp_path, http_root, fmt):
-    local = _folder(tmp_path / "local", [24])
+    _folder(tmp_path / "local", [24])
     rows = [
         {"url": f"{http_root}/p21.png", "aesthetic": 6.5, "punsafe": 0.01, "pwatermark": 0.1},
         {"url": f"{http_root}/p22.png", "aesthetic": 4.0, "punsafe": 0.01, "pwatermark": 0.1},  # ugly

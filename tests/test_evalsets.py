@@ -15,8 +15,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from vaeft.cli import app
+from vaeft.data.evalset import PREPARED_META, eval_items
 from vaeft.evaluate.download import DownloadError, download_coco_val
-from vaeft.evaluate.evalset import PREPARED_META, eval_items, prepare_eval_set
 
 runner = CliRunner()
 

@@ -12,9 +12,10 @@ from PIL import Image
 from skimage import data as skdata
 from skimage.metrics import peak_signal_noise_ratio
 
-from vaeft.evaluate.evalset import resize_center_crop
-from vaeft.evaluate.metrics import mean_std, psnr
+from vaeft.data.evalset import resize_center_crop
 from vaeft.evaluate.report import GRID_FILE, PER_IMAGE_FILE, TABLE_FILE, evaluate_models
+from vaeft.metrics.psnr import psnr
+from vaeft.metrics.summary import mean_std
 
 
 def _jpeg(arr: np.ndarray, quality: int) -> np.ndarray:

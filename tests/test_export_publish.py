@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from vaeft.config import ExportParams
-from vaeft.evaluate.evalset import eval_images
+from vaeft.data.evalset import eval_images
 from vaeft.evaluate.report import reconstruct
 from vaeft.export.release import SUMS_FILE, export_models
 from vaeft.model.build import autoencoder_class

@@ -16,19 +16,19 @@ import shlex
 import shutil
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 from typing import Any
 
 import pytest
+import tomllib
 import yaml
 
 pytest.importorskip("kubernetes_validate", reason="kubernetes-validate is in the test extra")
-import kubernetes_validate  # noqa: E402
-from packaging.specifiers import SpecifierSet  # noqa: E402
-from packaging.version import Version  # noqa: E402
-from prefect.utilities.schema_tools import is_valid_schema, validate  # noqa: E402
-from prefect.utilities.templating import PlaceholderType, apply_values, find_placeholders  # noqa: E402
+import kubernetes_validate
+from packaging.specifiers import SpecifierSet
+from packaging.version import Version
+from prefect.utilities.schema_tools import is_valid_schema, validate
+from prefect.utilities.templating import PlaceholderType, apply_values, find_placeholders
 
 ROOT = Path(__file__).resolve().parent.parent
 INFRA = ROOT / "infra"
@@ -266,7 +266,7 @@ def test_template_variables_are_typed_with_default_or_required(template):
 
 def test_template_samples_fit_the_variable_schema(template):
     path, tpl = template
-    for kind, values in value_sets(tpl).items():
+    for _kind, values in value_sets(tpl).items():
         validate({**defaults(tpl), **values}, tpl["variables"], raise_on_error=True, preprocess=True)
         render(tpl, values)
 

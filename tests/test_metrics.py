@@ -20,11 +20,11 @@ from skimage.metrics import structural_similarity
 
 from tests.randweights import write_random_backbone, write_random_inception
 from vaeft.compat.torchvision_cpu import ensure_torchvision
-from vaeft.evaluate import color
-from vaeft.evaluate.fid import RunningStats, fid_from_stats, frechet_distance, frechet_distance_low_rank
-from vaeft.evaluate.perceptual import BackboneWeightsError, Perceptual, normalize_features
-from vaeft.evaluate.ssim import ssim
 from vaeft.evaluate.suite import MetricOptions, PairMetrics, WeightsRequiredError
+from vaeft.metrics import color
+from vaeft.metrics.fid import RunningStats, fid_from_stats, frechet_distance, frechet_distance_low_rank
+from vaeft.metrics.perceptual import BackboneWeightsError, Perceptual, normalize_features
+from vaeft.metrics.ssim import ssim
 
 
 def _jpeg(arr: np.ndarray, quality: int) -> np.ndarray:
@@ -246,7 +246,7 @@ def test_rfid_streaming_matches_torch_fidelity(random_store, tmp_path):
     extractor = create_feature_extractor("inception-v3-compat", ["2048"], cuda=False,
                                          feature_extractor_weights_path=str(weights), verbose=False)
     feats = {}
-    for i, d in ((1, ref_dir), (2, test_dir)):
+    for i in (1, 2):
         feats[i] = extract_featuresdict_from_input_id(
             i, extractor, input1=str(ref_dir), input2=str(test_dir), cuda=False, save_cpu_ram=True,
             batch_size=4, verbose=False)["2048"].double().numpy()

@@ -10,10 +10,10 @@ from PIL import Image
 from skimage import data as skdata
 
 from vaeft.augment.crops import render, render_array, sample_rng, sample_spec
-from vaeft.augment.materialize import PIXEL_DIR, materialize_crops, pixel_store_dir
 from vaeft.config import AugmentParams
 from vaeft.data.loader import CropStream, decode_rgb, pixel_file, train_batches
 from vaeft.data.manifest import read_manifest
+from vaeft.data.materialize import PIXEL_DIR, materialize_crops, pixel_store_dir
 
 
 def _params(**kw) -> AugmentParams:
@@ -100,7 +100,7 @@ def test_crop_bench_runs_and_the_store_matches_the_loader():
 
 
 def test_reducing_gap_stays_close_to_exact_lanczos():
-    from vaeft.evaluate.metrics import psnr
+    from vaeft.metrics.psnr import psnr
 
     pixels = np.asarray(Image.fromarray(skdata.astronaut()).resize((900, 700), Image.LANCZOS))
     # Small crops of a small image are the hard case (1.5 gives ~41 dB here, ~49.5 dB at 256 from 2 MP).

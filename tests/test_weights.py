@@ -31,7 +31,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def log_message(self, *args):  # keep test output clean
         pass
 
-    def do_GET(self):  # noqa: N802
+    def do_GET(self):
         rng = self.headers.get("Range")
         self.requests.append((self.path, rng))
         body = self.files.get(self.path)

@@ -28,12 +28,11 @@ def _prefect(*args: str) -> list[str]:
 
 @pytest.mark.timeout(300)
 def test_worker_runs_the_local_evaluate_deployment(prefect_harness, tmp_path, curated, base_model):
+    import fastapi
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import WorkPoolCreate
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
     from prefect.workers.process import ProcessWorker
-
-    import fastapi
 
     # Prefect 3.8.8's client sends `"limit": null`, which fastapi >= 0.151 rejects with a 422:
     # `prefect deploy` then fails after creating the deployment.

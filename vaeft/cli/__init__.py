@@ -13,23 +13,21 @@ import sys
 import click
 import typer
 
+from vaeft import atomic
 from vaeft.cli import augment as _augment  # noqa: F401  (registers commands)
+from vaeft.cli import common
+from vaeft.cli import evaluate as _evaluate  # noqa: F401  (after stages: help order)
 from vaeft.cli import model as _model  # noqa: F401
 from vaeft.cli import params as _params  # noqa: F401
-from vaeft.cli import stages as _stages  # noqa: F401
-from vaeft.cli import evaluate as _evaluate  # noqa: F401, I001  (after stages: help order)
-from vaeft.cli import weights as _weights  # noqa: F401
 from vaeft.cli import pipeline as _pipeline  # noqa: F401
-from vaeft.cli import common
+from vaeft.cli import stages as _stages  # noqa: F401
+from vaeft.cli import weights as _weights  # noqa: F401
 from vaeft.cli.common import app
-from vaeft import atomic
-from vaeft.errors import VaeftError
+from vaeft.errors import STATUS_FILE_ENV, USER_ERROR_EXIT, VaeftError
 
-__all__ = ["app", "main"]
+__all__ = ["STATUS_FILE_ENV", "USER_ERROR_EXIT", "app", "main"]
 
 
-STATUS_FILE_ENV = "VAEFT_STATUS_FILE"
-USER_ERROR_EXIT = 2
 
 
 def _record_status(code: int, err: BaseException | None, detail: dict | None = None) -> None:

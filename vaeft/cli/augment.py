@@ -21,7 +21,7 @@ def materialize(
     workers: Annotated[int, typer.Option(min=0, help="processes (0: one per core)")] = 0,
 ) -> None:
     """Render augment.materialize crops per training image into shards (the `augment` stage)."""
-    from vaeft.augment.materialize import materialize_crops
+    from vaeft.data.materialize import materialize_crops
 
     p = load(params)
     materialize_crops(require(data, "data directory"), p.augment, p.seed, out, workers=workers or None)
@@ -36,7 +36,7 @@ def preview(
     start: Annotated[int, typer.Option(min=0, help="first sample index of the run")] = 0,
 ) -> None:
     """Write a PNG grid of N augmented training samples, exactly as training draws them."""
-    from vaeft.augment.preview import preview_grid
+    from vaeft.data.preview import preview_grid
 
     p = load(params)
     result = preview_grid(require(data, "data directory"), p.augment, p.seed, out, n=n, start=start)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -18,7 +18,7 @@ def metrics(
     ref: Annotated[Path, typer.Option("--ref", help="folder of reference (original) images")],
     test: Annotated[Path, typer.Option("--test", help="folder of same-named test (reconstructed) images")],
     out: Annotated[Path, typer.Option("--out", "-o", help="metrics JSON to write")],
-    lpips: Annotated[Optional[list[str]], typer.Option("--lpips", help="LPIPS net: vgg, alex (repeatable) [both]")] = None,
+    lpips: Annotated[list[str] | None, typer.Option("--lpips", help="LPIPS net: vgg, alex (repeatable) [both]")] = None,
     no_fid: Annotated[bool, typer.Option("--no-fid", help="skip rFID")] = False,
     no_psim: Annotated[bool, typer.Option("--no-psim", help="skip the PSIM candidate")] = False,
     batch_size: Annotated[int, typer.Option(min=1, help="images per batch")] = 8,
@@ -26,8 +26,8 @@ def metrics(
 ) -> None:
     """All image-pair metrics between two folders of same-named images (no model needed)."""
     from vaeft.evaluate.pairs import run_folder_metrics
-    from vaeft.evaluate.perceptual import LPIPS_NETS
     from vaeft.evaluate.suite import MetricOptions
+    from vaeft.metrics.perceptual import LPIPS_NETS
 
     nets = tuple(lpips) if lpips else tuple(LPIPS_NETS)
     bad = [n for n in nets if n not in LPIPS_NETS]
@@ -42,7 +42,7 @@ def metrics(
 def coco_val(
     out: Annotated[Path, typer.Option("--out", "-o", help="download directory")] = Path("data/coco"),
     url: Annotated[str, typer.Option(help="archive URL (a mirror); checksums still apply")] = "",
-    md5: Annotated[Optional[str], typer.Option(help="expected MD5 [the published val2017.zip MD5]")] = None,
+    md5: Annotated[str | None, typer.Option(help="expected MD5 [the published val2017.zip MD5]")] = None,
 ) -> None:
     """Download COCO 2017 val (val2017.zip, 5000 images), verify its checksum, extract it."""
     from vaeft.evaluate.download import COCO_VAL_MD5, COCO_VAL_SIZE, COCO_VAL_URL, download_coco_val
@@ -61,7 +61,7 @@ def prepare(
     size: Annotated[int, typer.Option(min=8, help="output side length")] = 256,
 ) -> None:
     """Shorter-side Lanczos resize + centre crop to SIZE x SIZE; protocol in evalset.json."""
-    from vaeft.evaluate.evalset import prepare_eval_set
+    from vaeft.data.evalset import prepare_eval_set
 
     result = prepare_eval_set(require(src, "source folder"), out, size)
     typer.echo(f"{result.out_dir} ({result.n_images} images)")

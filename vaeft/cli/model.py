@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -11,10 +11,10 @@ from vaeft.cli.common import UsageError, app, require
 
 EmaOpt = Annotated[bool, typer.Option("--ema", help="take a full training checkpoint's EMA weights (model_ema.*)")]
 GroupsOpt = Annotated[
-    Optional[int], typer.Option("--norm-num-groups", help="GroupNorm groups of an LDM file (shapes cannot tell) [32]")
+    int | None, typer.Option("--norm-num-groups", help="GroupNorm groups of an LDM file (shapes cannot tell) [32]")
 ]
 ConfigOpt = Annotated[
-    Optional[Path], typer.Option("--config", help="diffusers config.json (or its folder) for an LDM file")
+    Path | None, typer.Option("--config", help="diffusers config.json (or its folder) for an LDM file")
 ]
 
 

@@ -78,7 +78,7 @@ def stage_exec(
     repo: RepoOpt = Path("."),
 ) -> None:
     """Run one stage's command in the repo root with no DVC bookkeeping (multi-node followers)."""
-    from vaeft.cli import STATUS_FILE_ENV
+    from vaeft.errors import STATUS_FILE_ENV
     from vaeft.train.launch import exit_status
 
     cmds, cwd = stage_commands(repo, stage)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -26,7 +26,7 @@ def curate(
     params: ParamsOpt = DEFAULT_PARAMS_FILE,
     out: Annotated[Path, typer.Option("--out", "-o", help="curated data directory")] = Path("data/curated"),
     source: Annotated[
-        Optional[list[str]],
+        list[str] | None,
         typer.Option("--source", "-s", help="image folder, .tar shard, table (.parquet/.csv/.jsonl) or s3://bucket/prefix; "
                      "replaces the params' sources (repeatable, mixed 1:1)"),
     ] = None,
@@ -61,9 +61,9 @@ def pretrain(
     params: ParamsOpt = DEFAULT_PARAMS_FILE,
     data: Annotated[Path, typer.Option(help="curated data directory")] = Path("data/curated"),
     out: Annotated[Path, typer.Option("--out", "-o", help="output diffusers folder")] = Path("models/base"),
-    log: Annotated[Optional[Path], typer.Option(help="training log CSV (DVC plot)")] = None,
+    log: Annotated[Path | None, typer.Option(help="training log CSV (DVC plot)")] = None,
     state_dir: Annotated[Path, typer.Option(help="resumable training state (outside DVC outputs)")] = Path(".vaeft/state"),
-    crops: Annotated[Optional[Path], typer.Option(help="the augment stage's output (materialised crops or pixel store)")] = None,
+    crops: Annotated[Path | None, typer.Option(help="the augment stage's output (materialised crops or pixel store)")] = None,
 ) -> None:
     """The base model: import model.base if set, else pretrain the tiny autoencoder from scratch.
 
@@ -85,10 +85,10 @@ def train(
     init: Annotated[Path, typer.Option(help="model to start from (diffusers folder or LDM file)")],
     params: ParamsOpt = DEFAULT_PARAMS_FILE,
     data: Annotated[Path, typer.Option(help="curated data directory")] = Path("data/curated"),
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="output diffusers folder [models/ft-PHASE]")] = None,
-    log: Annotated[Optional[Path], typer.Option(help="training log CSV (DVC plot)")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="output diffusers folder [models/ft-PHASE]")] = None,
+    log: Annotated[Path | None, typer.Option(help="training log CSV (DVC plot)")] = None,
     state_dir: Annotated[Path, typer.Option(help="resumable training state (outside DVC outputs)")] = Path(".vaeft/state"),
-    crops: Annotated[Optional[Path], typer.Option(help="the augment stage's output (materialised crops or pixel store); online crops if empty")] = None,
+    crops: Annotated[Path | None, typer.Option(help="the augment stage's output (materialised crops or pixel store); online crops if empty")] = None,
 ) -> None:
     """Decoder-only fine-tune (encoder frozen), exporting EMA weights. Re-running resumes.
 
@@ -116,7 +116,6 @@ def evaluate(
 ) -> None:
     """Reconstruct the eval set with each model; write metrics, a table and a comparison grid."""
     from vaeft.evaluate.report import evaluate_models
-
     from vaeft.provenance import recorded_steps
 
     models = {k: require(v, f"model {k!r}") for k, v in named_paths(model, "--model").items()}
@@ -130,7 +129,7 @@ def export(
     model: Annotated[list[str], typer.Option("--model", "-m", help="NAME=PATH of a model to export (repeatable)")],
     params: ParamsOpt = DEFAULT_PARAMS_FILE,
     out: Annotated[Path, typer.Option("--out", "-o", help="export directory")] = Path("export"),
-    eval_table: Annotated[Optional[Path], typer.Option(help="markdown eval table to put in the model cards")] = None,
+    eval_table: Annotated[Path | None, typer.Option(help="markdown eval table to put in the model cards")] = None,
 ) -> None:
     """Write each model as a diffusers folder with a model card, plus SHA256SUMS."""
     from vaeft.export.release import export_models
@@ -142,7 +141,7 @@ def export(
 @app.command()
 def publish(
     export_dir: Annotated[Path, typer.Option("--export", help="export directory")] = Path("export"),
-    to: Annotated[Optional[Path], typer.Option("--to", help="target directory [params publish.target]")] = None,
+    to: Annotated[Path | None, typer.Option("--to", help="target directory [params publish.target]")] = None,
     params: ParamsOpt = DEFAULT_PARAMS_FILE,
 ) -> None:
     """Publish an export to a local directory (content-addressed, idempotent)."""

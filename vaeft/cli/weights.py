@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -15,7 +15,7 @@ app.add_typer(weights_app, name="weights")
 
 @weights_app.command("pull")
 def weights_pull(
-    names: Annotated[Optional[list[str]], typer.Argument(help="entries to fetch [all]")] = None,
+    names: Annotated[list[str] | None, typer.Argument(help="entries to fetch [all]")] = None,
     retries: Annotated[int, typer.Option(help="retries per file (resuming where it stopped)")] = 5,
     backoff: Annotated[float, typer.Option(help="first retry delay in seconds (doubles each time)")] = 1.0,
 ) -> None:

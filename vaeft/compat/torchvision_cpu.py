@@ -30,13 +30,13 @@ def ensure_torchvision() -> bool:
     if _state["done"]:
         return bool(_state["patched"])
     try:
-        import torchvision  # noqa: F401
+        import torchvision
     except RuntimeError as exc:
         if "torchvision::" not in str(exc):
             raise
         _drop_half_imported()
         _define_missing_schemas()
-        import torchvision  # noqa: F401,F811
+        import torchvision  # noqa: F401
 
         _state["patched"] = True
     _state["done"] = True

@@ -146,7 +146,7 @@ def train_batches(
     Reads materialised crops from ``crops_dir`` when it holds any, else augments online (from its
     pixel store when it has one).
     """
-    from vaeft.augment.materialize import ShardStream, has_crops, pixel_store_dir
+    from vaeft.data.materialize import ShardStream, has_crops, pixel_store_dir
 
     length = total_steps * batch_size * world_size
     stream: Dataset = (

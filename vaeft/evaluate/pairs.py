@@ -10,11 +10,11 @@ from PIL import Image
 
 from vaeft import atomic
 from vaeft.console import banner, console, progress
-from vaeft.evaluate.evalset import EvalSetError, image_files
-from vaeft.evaluate.fid import RunningStats
-from vaeft.evaluate.metrics import json_float, json_safe
+from vaeft.data.evalset import EvalSetError, image_files
+from vaeft.device import pick_device
 from vaeft.evaluate.suite import NOTES, Accumulator, MetricOptions, PairMetrics, Summary
-from vaeft.train.engine import pick_device
+from vaeft.metrics.fid import RunningStats
+from vaeft.metrics.summary import json_float, json_safe
 
 
 class PairError(EvalSetError):

@@ -13,12 +13,13 @@ import numpy as np
 import torch
 
 from vaeft.errors import VaeftError
-from vaeft.evaluate import color
 from vaeft.evaluate.availability import Unavailable
-from vaeft.evaluate.fid import InceptionFeatures, RunningStats, fid_from_stats
-from vaeft.evaluate.metrics import mean_std, psnr
-from vaeft.evaluate.perceptual import LPIPS_NETS, PSIM_DEFINITION, PSIM_LABEL, Perceptual
-from vaeft.evaluate.ssim import ssim
+from vaeft.metrics import color
+from vaeft.metrics.fid import InceptionFeatures, RunningStats, fid_from_stats
+from vaeft.metrics.perceptual import LPIPS_NETS, PSIM_DEFINITION, PSIM_LABEL, Perceptual
+from vaeft.metrics.psnr import psnr
+from vaeft.metrics.ssim import ssim
+from vaeft.metrics.summary import mean_std
 from vaeft.weights import MissingWeightsError, require
 
 NOTES = {

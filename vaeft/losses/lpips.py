@@ -1,7 +1,7 @@
 """LPIPS as a training loss: frozen network, gradient to the decoder's output.
 
 The network and its fp32, eps-safe feature normalisation are the evaluation metric's
-(:mod:`vaeft.evaluate.perceptual`), so training and evaluation measure the same thing. The
+(:mod:`vaeft.metrics.perceptual`), so training and evaluation measure the same thing. The
 backbone comes from the weight store only: without it :func:`load_lpips_loss` raises
 :class:`~vaeft.weights.MissingWeightsError` naming ``vaeft weights pull lpips-NET``, before any
 training starts — a random backbone would train the decoder towards nothing.
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from vaeft.evaluate.perceptual import LPIPS_NETS, build_lpips, lpips_distance
+from vaeft.metrics.perceptual import LPIPS_NETS, build_lpips, lpips_distance
 from vaeft.weights import require
 
 

@@ -38,7 +38,7 @@ class CheckpointStore:
 
     def latest(self) -> dict[str, Any] | None:
         """The newest readable checkpoint of this run, or None (stale runs' state is removed)."""
-        for step, path in reversed(self._checkpoints()):
+        for _step, path in reversed(self._checkpoints()):
             try:
                 state = torch.load(path, map_location="cpu", weights_only=True)
             except Exception:  # noqa: BLE001 - a torn or foreign file: try the previous one

@@ -22,11 +22,11 @@ from pathlib import Path
 import torch
 
 from vaeft import atomic, provenance
-from vaeft.augment.materialize import INDEX_FILE, has_crops
 from vaeft.config import Params, TrainPhaseParams
 from vaeft.console import banner, console, progress
 from vaeft.data.loader import train_batches
 from vaeft.data.manifest import MANIFEST_FILE
+from vaeft.data.materialize import INDEX_FILE, has_crops
 from vaeft.errors import VaeftError
 from vaeft.hashing import tree_sha256
 from vaeft.losses.reconstruction import ReconstructionLoss
@@ -58,10 +58,6 @@ class TrainResult:
     skipped_steps: int
     final_loss: float
     seconds: float
-
-
-def pick_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def phase_params(params: Params, phase: str) -> TrainPhaseParams:

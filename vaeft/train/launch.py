@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vaeft.errors import VaeftError
+from vaeft.errors import STATUS_FILE_ENV, VaeftError
 
 NPROC_ENV = "VAEFT_NPROC_PER_NODE"
 NNODES_ENV = "VAEFT_NNODES"
@@ -188,8 +188,6 @@ def exit_status(returncode: int) -> int:
 
 def run_torchrun(cmd: Sequence[str], env: Mapping[str, str] | None = None) -> LaunchResult:
     """Run ``cmd`` (from :func:`torchrun_command`) and fold the ranks' statuses into one."""
-    from vaeft.cli import STATUS_FILE_ENV  # noqa: PLC0415 - the CLI imports this module
-
     with tempfile.TemporaryDirectory(prefix="vaeft-ranks-") as tmp:
         child_env = dict(os.environ if env is None else env)
         # The ranks must not write the launcher's status file: only the folded status goes there.

@@ -17,6 +17,8 @@ import numpy as np
 import torch
 
 from vaeft.console import console
+from vaeft.data.evalset import eval_images
+from vaeft.figures import comparison_grid
 
 
 def log_csv(rows: list[dict[str, float]]) -> str:
@@ -56,15 +58,11 @@ class ReconstructionGrids:
     """PNG grids of fixed eval images and their reconstructions into ``<log>-images/``."""
 
     def __init__(self, log_file: Path, data_dir: Path, size: int, count: int) -> None:
-        from vaeft.evaluate.evalset import eval_images
-
         self.dir = log_file.with_name(log_file.stem + "-images")
         self.originals = eval_images(data_dir, size)[1][:count]
 
     @torch.no_grad()
     def write(self, vae: torch.nn.Module, step: int, device: torch.device) -> Path:
-        from vaeft.evaluate.report import comparison_grid
-
         x = torch.from_numpy(self.originals).permute(0, 3, 1, 2).to(device).float().div(127.5).sub(1.0)
         x_hat = vae.decode(vae.encode(x).latent_dist.mode()).sample.float()
         recon = ((x_hat.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()

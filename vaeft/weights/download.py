@@ -11,6 +11,7 @@ import http.client
 import os
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -46,11 +47,13 @@ Progress = Callable[[int, int | None], None]  # (bytes so far, total or None)
 def _attempt(url: str, part: Path, timeout: float, progress: Progress | None) -> bool:
     """One request; appends to ``part``. True when the body arrived complete."""
     have = part.stat().st_size if part.exists() else 0
-    req = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
+    if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
+        raise DownloadError(f"{url}: only http(s) URLs are fetched")
+    req = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})  # noqa: S310 - scheme checked above
     if have:
         req.add_header("Range", f"bytes={have}-")
     try:
-        resp = urllib.request.urlopen(req, timeout=timeout)
+        resp = urllib.request.urlopen(req, timeout=timeout)  # noqa: S310 - scheme checked above
     except urllib.error.HTTPError as err:
         if err.code == 416 and have:  # nothing left to send: the part is already whole
             return True

@@ -7,7 +7,6 @@ float64, so memory stays flat in the number of images (2048x2048 sums, not N x 2
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np

@@ -1,9 +1,4 @@
-"""Image-pair metrics on uint8 RGB images (HWC or NHWC).
-
-PSNR follows the model cards: per image on [0, 1], then mean +- std over images. SSIM, LPIPS,
-PSIM, rFID and colour live in their own modules
-(:mod:`ssim`, :mod:`perceptual`, :mod:`fid`, :mod:`color`), combined by :mod:`suite`.
-"""
+"""Summaries of per-image metric values, and the JSON form they are written in."""
 
 from __future__ import annotations
 
@@ -11,18 +6,6 @@ import math
 from typing import Any
 
 import numpy as np
-
-
-def psnr(ref: np.ndarray, test: np.ndarray) -> np.ndarray:
-    """Per-image PSNR in dB for uint8 images; identical images give +inf."""
-    if ref.shape != test.shape:
-        raise ValueError(f"shape mismatch: {ref.shape} vs {test.shape}")
-    if ref.ndim == 3:
-        ref, test = ref[None], test[None]
-    diff = ref.astype(np.float64) / 255.0 - test.astype(np.float64) / 255.0
-    mse = np.mean(diff * diff, axis=tuple(range(1, diff.ndim)))
-    with np.errstate(divide="ignore"):
-        return 10.0 * np.log10(1.0 / mse)
 
 
 def mean_std(values: np.ndarray) -> tuple[float, float]:
