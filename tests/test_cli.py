@@ -33,10 +33,12 @@ def test_every_command_has_help(cmd):
 
 def test_curate_plain_folders_outside_the_pipeline(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # no params.yaml here: default thresholds
+    photos = tmp_path / "photos"  # beside the output: an output inside its source is refused
+    photos.mkdir()
     for i in range(12):
         rng = np.random.default_rng(i)
-        Image.fromarray(rng.integers(0, 255, (80, 96, 3), dtype=np.uint8)).save(tmp_path / f"img{i}.png")
-    result = runner.invoke(app, ["curate", "--source", str(tmp_path), "--out", str(tmp_path / "cur")])
+        Image.fromarray(rng.integers(0, 255, (80, 96, 3), dtype=np.uint8)).save(photos / f"img{i}.png")
+    result = runner.invoke(app, ["curate", "--source", str(photos), "--out", str(tmp_path / "cur")])
     assert result.exit_code == 0, result.output
     assert len(read_manifest(tmp_path / "cur")) == 12
 

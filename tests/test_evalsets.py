@@ -55,7 +55,7 @@ def test_download_verifies_then_extracts(served, tmp_path):
     url, md5, size = served
     got = download_coco_val(tmp_path / "coco", url=url, md5=md5, size=size, expected_images=3)
     assert got.n_images == 3 and got.md5 == md5 and len(got.sha256) == 64
-    assert sorted(p.name for p in got.images_dir.iterdir())[0] == "000000000000.jpg"
+    assert sorted(p.name for p in got.images_dir.glob("*.jpg"))[0] == "000000000000.jpg"
     # Already there and verified: no second download needed (server not consulted for bytes).
     again = download_coco_val(tmp_path / "coco", url=url, md5=md5, size=size, expected_images=3)
     assert again.archive == got.archive

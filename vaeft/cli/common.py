@@ -10,7 +10,7 @@ import typer
 from vaeft.config import DEFAULT_PARAMS_FILE, Params, load_params
 from vaeft.errors import VaeftError
 
-__all__ = ["ChildExit", "DEFAULT_PARAMS_FILE", "ParamsOpt", "UsageError", "app", "load", "named_paths",
+__all__ = ["ChildExit", "DEFAULT_PARAMS_FILE", "ForceOpt", "ParamsOpt", "UsageError", "app", "load", "named_paths",
            "relaunch_if_asked", "require"]
 
 app = typer.Typer(
@@ -22,6 +22,8 @@ app = typer.Typer(
 )
 
 ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="params file (YAML)")]
+ForceOpt = Annotated[bool, typer.Option(
+    "--force", help="replace the output even when it is not a previous output of this command")]
 
 
 class UsageError(VaeftError):

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from vaeft.cli.common import UsageError, app, require
+from vaeft.cli.common import ForceOpt, UsageError, app, require
 
 data_app = typer.Typer(help="Evaluation sets: download COCO 2017 val, prepare a 256x256 set.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
@@ -23,6 +23,7 @@ def metrics(
     no_psim: Annotated[bool, typer.Option("--no-psim", help="skip the PSIM candidate")] = False,
     batch_size: Annotated[int, typer.Option(min=1, help="images per batch")] = 8,
     require_weights: Annotated[bool, typer.Option(help="fail when a metric's weights are missing")] = False,
+    force: ForceOpt = False,
 ) -> None:
     """All image-pair metrics between two folders of same-named images (no model needed)."""
     from vaeft.evaluate.pairs import run_folder_metrics
@@ -34,7 +35,8 @@ def metrics(
     if bad:
         raise UsageError(f"--lpips: unknown net {bad[0]!r} (expected one of {', '.join(LPIPS_NETS)})")
     options = MetricOptions(lpips_nets=nets, psim=not no_psim, fid=not no_fid, require_weights=require_weights)
-    run_folder_metrics(require(ref, "--ref folder"), require(test, "--test folder"), out, options, batch_size)
+    run_folder_metrics(require(ref, "--ref folder"), require(test, "--test folder"), out, options, batch_size,
+                       force=force)
     typer.echo(str(out))
 
 
@@ -43,6 +45,7 @@ def coco_val(
     out: Annotated[Path, typer.Option("--out", "-o", help="download directory")] = Path("data/coco"),
     url: Annotated[str, typer.Option(help="archive URL (a mirror); checksums still apply")] = "",
     md5: Annotated[str | None, typer.Option(help="expected MD5 [the published val2017.zip MD5]")] = None,
+    force: ForceOpt = False,
 ) -> None:
     """Download COCO 2017 val (val2017.zip, 5000 images), verify its checksum, extract it."""
     from vaeft.evaluate.download import COCO_VAL_MD5, COCO_VAL_SIZE, COCO_VAL_URL, download_coco_val
@@ -50,7 +53,7 @@ def coco_val(
     custom = bool(url) and url != COCO_VAL_URL
     result = download_coco_val(out, url or COCO_VAL_URL, md5 or COCO_VAL_MD5,
                                # A mirror may serve the same bytes; only the pinned MD5 decides.
-                               size=None if custom else COCO_VAL_SIZE)
+                               size=None if custom else COCO_VAL_SIZE, force=force)
     typer.echo(f"{result.images_dir} ({result.n_images} images, md5 {result.md5}, sha256 {result.sha256})")
 
 
@@ -59,9 +62,10 @@ def prepare(
     src: Annotated[Path, typer.Argument(help="folder of source images")],
     out: Annotated[Path, typer.Argument(help="output folder (PNG + evalset.json)")],
     size: Annotated[int, typer.Option(min=8, help="output side length")] = 256,
+    force: ForceOpt = False,
 ) -> None:
     """Shorter-side Lanczos resize + centre crop to SIZE x SIZE; protocol in evalset.json."""
     from vaeft.data.evalset import prepare_eval_set
 
-    result = prepare_eval_set(require(src, "source folder"), out, size)
+    result = prepare_eval_set(require(src, "source folder"), out, size, force=force)
     typer.echo(f"{result.out_dir} ({result.n_images} images)")

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from vaeft.cli.common import UsageError, app, require
+from vaeft.cli.common import ForceOpt, UsageError, app, require
 
 EmaOpt = Annotated[bool, typer.Option("--ema", help="take a full training checkpoint's EMA weights (model_ema.*)")]
 GroupsOpt = Annotated[
@@ -26,13 +26,15 @@ def convert(
     ema: EmaOpt = False,
     norm_num_groups: GroupsOpt = None,
     config: ConfigOpt = None,
+    force: ForceOpt = False,
 ) -> None:
     """Convert a VAE between the diffusers and LDM (CompVis) layouts; writes atomically."""
     from vaeft.model.convert import convert_model
 
     if to not in ("diffusers", "ldm"):
         raise UsageError(f"--to must be 'diffusers' or 'ldm', got {to!r}")
-    out = convert_model(require(src, "model"), dst, to, ema=ema, norm_num_groups=norm_num_groups, config=config)
+    out = convert_model(require(src, "model"), dst, to, ema=ema, norm_num_groups=norm_num_groups, config=config,
+                        force=force)
     typer.echo(str(out))
 
 

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from vaeft.cli.common import DEFAULT_PARAMS_FILE, ParamsOpt, UsageError, app, load
+from vaeft import atomic
+from vaeft.cli.common import DEFAULT_PARAMS_FILE, ForceOpt, ParamsOpt, UsageError, app, load
 from vaeft.config import params_as_dict
 
 params_app = typer.Typer(help="Inspect and validate params files.", no_args_is_help=True)
@@ -51,11 +51,13 @@ def recipe_list() -> None:
 def recipe_apply(
     name: Annotated[str, typer.Argument(help="recipe name (see `vaeft recipe list`)")],
     out: Annotated[Path, typer.Option("--out", "-o", help="params file to write")] = DEFAULT_PARAMS_FILE,
+    force: ForceOpt = False,
 ) -> None:
-    """Validate a recipe preset and write it as the params file for a real run."""
+    """Validate a recipe preset and write it as the params file for a real run (replaces a YAML file there)."""
     recipes = _recipe_files()
     if name not in recipes:
         raise UsageError(f"unknown recipe {name!r} (available: {', '.join(recipes) or 'none'})")
+    atomic.check_file_target(out, (".yaml", ".yml"), force=force)
     load(recipes[name])
-    shutil.copyfile(recipes[name], out)
+    atomic.write_bytes(out, recipes[name].read_bytes())
     typer.echo(f"wrote {out} from recipe {name}; run `dvc repro` to train it")

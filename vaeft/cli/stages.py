@@ -10,6 +10,7 @@ import typer
 
 from vaeft.cli.common import (
     DEFAULT_PARAMS_FILE,
+    ForceOpt,
     ParamsOpt,
     UsageError,
     app,
@@ -30,6 +31,7 @@ def curate(
         typer.Option("--source", "-s", help="image folder, .tar shard, table (.parquet/.csv/.jsonl) or s3://bucket/prefix; "
                      "replaces the params' sources (repeatable, mixed 1:1)"),
     ] = None,
+    force: ForceOpt = False,
 ) -> None:
     """Validate, normalise, de-duplicate, mix and split images into a curated store with a manifest."""
     from vaeft.config import SourceParams
@@ -44,7 +46,7 @@ def curate(
             path = s if kind == "s3" else str(require(Path(s), "source"))
             sources.append(SourceParams(name=re.sub(r"[^A-Za-z0-9_.-]", "_", f"src{i}_{Path(s).stem or 'root'}"), kind=kind, path=path))
         data = data.model_copy(update={"sources": sources})
-    run(data, out)
+    run(data, out, force=force)
 
 
 def _source_kind(given: str) -> str:
@@ -64,19 +66,21 @@ def pretrain(
     log: Annotated[Path | None, typer.Option(help="training log CSV (DVC plot)")] = None,
     state_dir: Annotated[Path, typer.Option(help="resumable training state (outside DVC outputs)")] = Path(".vaeft/state"),
     crops: Annotated[Path | None, typer.Option(help="the augment stage's output (materialised crops or pixel store)")] = None,
+    force: ForceOpt = False,
 ) -> None:
     """The base model: import model.base if set, else pretrain the tiny autoencoder from scratch.
 
     Set VAEFT_NPROC_PER_NODE (and for several nodes VAEFT_NNODES, VAEFT_NODE_RANK,
     VAEFT_RDZV_ENDPOINT) to run under torchrun.
     """
-    from vaeft.train.engine import prepare_base
+    from vaeft.train.engine import check_outputs, prepare_base
 
     p = load(params)
     require(data, "data directory")
+    check_outputs(out, log, [data, p.model.base, crops], force)  # before any training, once
     if p.model.base is None:  # importing a base is one process's work
         relaunch_if_asked()
-    prepare_base(p, data, out, log, state_dir, crops_dir=crops)
+    prepare_base(p, data, out, log, state_dir, crops_dir=crops, force=force)
 
 
 @app.command()
@@ -89,21 +93,24 @@ def train(
     log: Annotated[Path | None, typer.Option(help="training log CSV (DVC plot)")] = None,
     state_dir: Annotated[Path, typer.Option(help="resumable training state (outside DVC outputs)")] = Path(".vaeft/state"),
     crops: Annotated[Path | None, typer.Option(help="the augment stage's output (materialised crops or pixel store); online crops if empty")] = None,
+    force: ForceOpt = False,
 ) -> None:
     """Decoder-only fine-tune (encoder frozen), exporting EMA weights. Re-running resumes.
 
     Set VAEFT_NPROC_PER_NODE (and for several nodes VAEFT_NNODES, VAEFT_NODE_RANK,
     VAEFT_RDZV_ENDPOINT) to run under torchrun.
     """
-    from vaeft.train.engine import train_phase
+    from vaeft.train.engine import check_outputs, train_phase
 
     if phase not in ("ema", "mse"):
         raise UsageError(f"unknown phase {phase!r}: expected 'ema' or 'mse'")
     p = load(params)
     require(data, "data directory")
     require(init, "init model")
+    out = out or Path(f"models/ft-{phase}")
+    check_outputs(out, log, [data, init, crops], force)  # before any training, once
     relaunch_if_asked()
-    train_phase(phase, p, data, out or Path(f"models/ft-{phase}"), init, log, state_dir, crops_dir=crops)
+    train_phase(phase, p, data, out, init, log, state_dir, crops_dir=crops, force=force)
 
 
 @app.command()
@@ -113,6 +120,7 @@ def evaluate(
     data: Annotated[Path, typer.Option(help="curated data directory (its eval split is used)")] = Path("data/curated"),
     metrics: Annotated[Path, typer.Option(help="metrics JSON (DVC metrics)")] = Path("metrics/eval.json"),
     report: Annotated[Path, typer.Option(help="report directory (table, per-image CSV, grid)")] = Path("reports/eval"),
+    force: ForceOpt = False,
 ) -> None:
     """Reconstruct the eval set with each model; write metrics, a table and a comparison grid."""
     from vaeft.evaluate.report import evaluate_models
@@ -121,7 +129,8 @@ def evaluate(
     models = {k: require(v, f"model {k!r}") for k, v in named_paths(model, "--model").items()}
     # The models' own run_info says how long they trained; params would only know our phase names.
     steps = {name: recorded_steps(path) for name, path in models.items()}
-    evaluate_models(load(params).evaluate, require(data, "data directory"), models, metrics, report, steps)
+    evaluate_models(load(params).evaluate, require(data, "data directory"), models, metrics, report, steps,
+                    force=force)
 
 
 @app.command()
@@ -130,12 +139,13 @@ def export(
     params: ParamsOpt = DEFAULT_PARAMS_FILE,
     out: Annotated[Path, typer.Option("--out", "-o", help="export directory")] = Path("export"),
     eval_table: Annotated[Path | None, typer.Option(help="markdown eval table to put in the model cards")] = None,
+    force: ForceOpt = False,
 ) -> None:
     """Write each model as a diffusers folder with a model card, plus SHA256SUMS."""
     from vaeft.export.release import export_models
 
     models = {k: require(v, f"model {k!r}") for k, v in named_paths(model, "--model").items()}
-    export_models(load(params).export, models, out, eval_table)
+    export_models(load(params).export, models, out, eval_table, force=force)
 
 
 @app.command()

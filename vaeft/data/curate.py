@@ -252,9 +252,18 @@ def _mix_targets(available: dict[str, int], weights: dict[str, float]) -> dict[s
     return {s: (min(n, int(scale * weights[s] + 1e-9)) if s in live else 0) for s, n in available.items()}
 
 
-def curate(params: DataParams, out_dir: str | Path) -> CurateResult:
-    """Validate and normalise every image of every source, then write manifest and report."""
+def local_inputs(params: DataParams) -> list[str]:
+    """The sources that live on this machine's disk (an output must stay clear of them)."""
+    return [s.path for s in params.sources if s.path and s.kind != "s3"]
+
+
+def curate(params: DataParams, out_dir: str | Path, *, force: bool = False) -> CurateResult:
+    """Validate and normalise every image of every source, then write manifest and report.
+
+    ``out_dir`` is checked first (:func:`vaeft.atomic.check_dir_target`): curation can take hours.
+    """
     out_dir = Path(out_dir)
+    atomic.check_dir_target(out_dir, "curated", force=force, inputs=local_inputs(params))
     banner("curate", f"-> {out_dir}")
     work = _work_dir(params)
     cfg = WorkConfig(
@@ -310,7 +319,7 @@ def curate(params: DataParams, out_dir: str | Path) -> CurateResult:
             f"curation kept {n_train} train and {n_eval} eval images; need at least one of each "
             "(add images or change data.eval_fraction)"
         )
-    with atomic.atomic_dir(out_dir) as tmp:
+    with atomic.atomic_dir(out_dir, "curated", force=force, inputs=local_inputs(params)) as tmp:
         (tmp / "images").mkdir()
         for r in rows:
             _place(_stored_png(work, r.sha256), tmp / r.stored_path)

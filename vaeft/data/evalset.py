@@ -124,11 +124,12 @@ class PreparedSet:
     metadata_file: Path
 
 
-def prepare_eval_set(src_dir: str | Path, out_dir: str | Path, size: int = 256) -> PreparedSet:
+def prepare_eval_set(src_dir: str | Path, out_dir: str | Path, size: int = 256, *, force: bool = False) -> PreparedSet:
     """Resize + centre-crop every image of ``src_dir`` into ``out_dir`` as PNG, with the protocol
     and per-image source hashes in ``evalset.json``. Lossless output: the eval set must not add
     its own compression artefacts to what the autoencoders are scored on."""
     src_dir, out_dir = Path(src_dir), Path(out_dir)
+    atomic.check_dir_target(out_dir, "eval-set", force=force, inputs=[src_dir])
     files = image_files(src_dir)
     if not files:
         raise EvalSetError(f"{src_dir}: no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
@@ -137,7 +138,7 @@ def prepare_eval_set(src_dir: str | Path, out_dir: str | Path, size: int = 256) 
     if dupes:
         raise EvalSetError(f"{src_dir}: several files share a name stem: {', '.join(dupes[:5])}")
     entries = []
-    with atomic.atomic_dir(out_dir) as tmp, progress() as bar:
+    with atomic.atomic_dir(out_dir, "eval-set", force=force, inputs=[src_dir]) as tmp, progress() as bar:
         task = bar.add_task("prepare", total=len(files), info=str(src_dir))
         for p in files:
             data = p.read_bytes()

@@ -63,9 +63,12 @@ def _store_pixels(args: tuple[str, str]) -> int:
 
 
 def materialize_crops(
-    data_dir: str | Path, augment: AugmentParams, seed: int, out_dir: str | Path, workers: int | None = None
+    data_dir: str | Path, augment: AugmentParams, seed: int, out_dir: str | Path, workers: int | None = None,
+    *, force: bool = False,
 ) -> MaterializeResult:
+    """``force``: replace ``out_dir`` even when it is not a crop store vaeft wrote."""
     data_dir, out_dir = Path(data_dir), Path(out_dir)
+    atomic.check_dir_target(out_dir, "crops", force=force, inputs=[data_dir])
     k = augment.materialize
     rows = read_manifest(data_dir, split="train")
     banner("augment", f"{k} crops x {len(rows)} images -> {out_dir}" if k else "materialize = 0: online augmentation")
@@ -81,7 +84,7 @@ def materialize_crops(
             n_shards += 1
             pending = []
 
-    with atomic.atomic_dir(out_dir) as tmp:
+    with atomic.atomic_dir(out_dir, "crops", force=force, inputs=[data_dir]) as tmp:
         if k:
             jobs = [(str(data_dir / r.stored_path), i, augment, seed) for i, r in enumerate(rows)]
             with progress() as bar, ProcessPoolExecutor(workers) as pool:

@@ -21,8 +21,12 @@ class PreviewResult:
 
 
 def preview_grid(data_dir: str | Path, augment: AugmentParams, seed: int, out: str | Path,
-                 n: int = 16, start: int = 0, pad: int = 2) -> PreviewResult:
-    """Render samples ``start .. start + n - 1`` of a run into one PNG grid."""
+                 n: int = 16, start: int = 0, pad: int = 2, *, force: bool = False) -> PreviewResult:
+    """Render samples ``start .. start + n - 1`` of a run into one PNG grid.
+
+    An existing ``out`` is overwritten only when it is a ``.png`` (or with ``force``).
+    """
+    atomic.check_file_target(out, (".png",), force=force)
     stream = CropStream(data_dir, augment, seed, length=start + n)
     size = augment.crop_size
     cols = math.ceil(math.sqrt(n))

@@ -9,7 +9,7 @@ by more than one source.
 from __future__ import annotations
 
 import hashlib
-import shutil
+import os
 import urllib.request
 import zipfile
 from dataclasses import dataclass
@@ -75,6 +75,8 @@ def download_coco_val(
     size: int | None = COCO_VAL_SIZE,
     expected_images: int | None = COCO_VAL_IMAGES,
     timeout: float = 60.0,
+    *,
+    force: bool = False,
 ) -> Downloaded:
     """Download ``val2017.zip`` into ``out_dir``, verify size and MD5, extract ``val2017/``.
 
@@ -82,9 +84,17 @@ def download_coco_val(
     download and extracts nothing.
     """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise atomic.OutputRefusedError(f"refusing to download into {out_dir}: it is a file, not a folder")
     archive = out_dir / url.rsplit("/", 1)[-1]
-    if not archive.exists():
+    stem = archive.name.removesuffix(".zip")
+    images_dir = out_dir / stem
+    # Checked before the download (6.4 GB): an extraction replaces this folder.
+    atomic.check_dir_target(images_dir, "coco-val", force=force)
+    atomic.check_file_target(archive, (".zip",), force=force)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fetched = not archive.exists()
+    if fetched:
         try:
             _fetch(url, archive, timeout)
         except OSError as err:
@@ -97,15 +107,19 @@ def download_coco_val(
     if md5 is not None and got_md5 != md5.lower():
         problems.append(f"md5 {got_md5} != {md5}")
     if problems:
+        if not fetched:  # the user's file: say so, and leave it
+            raise DownloadError(f"{archive}: checksum verification failed ({'; '.join(problems)}); "
+                                "the file was already there and is left as it is (move it away to download)")
         archive.unlink()
         raise DownloadError(f"{url}: checksum verification failed ({'; '.join(problems)}); the file was removed")
-    stem = archive.name.removesuffix(".zip")
-    images_dir = out_dir / stem
-    if images_dir.exists():
-        shutil.rmtree(images_dir)
-    _safe_extract(archive, out_dir)
-    if not images_dir.is_dir():
-        raise DownloadError(f"{archive}: expected a top-level folder {stem}/ in the archive")
+    with atomic.atomic_dir(images_dir, "coco-val", force=force) as tmp:
+        _safe_extract(archive, tmp)
+        extracted = tmp / stem
+        if not extracted.is_dir():
+            raise DownloadError(f"{archive}: expected a top-level folder {stem}/ in the archive")
+        for p in extracted.iterdir():
+            os.replace(p, tmp / p.name)
+        extracted.rmdir()
     n = sum(1 for p in images_dir.iterdir() if p.suffix.lower() == ".jpg")
     if expected_images is not None and n != expected_images:
         raise DownloadError(f"{images_dir}: {n} JPEGs extracted, expected {expected_images}")

@@ -92,7 +92,10 @@ def write_folder_metrics(result: FolderPairResult, out: str | Path, ref_dir: str
     return Path(out)
 
 
-def run_folder_metrics(ref_dir: Path, test_dir: Path, out: Path, options: MetricOptions, batch_size: int = 8) -> FolderPairResult:
+def run_folder_metrics(ref_dir: Path, test_dir: Path, out: Path, options: MetricOptions, batch_size: int = 8,
+                       *, force: bool = False) -> FolderPairResult:
+    """``out`` is checked first: an existing file is overwritten only when it is a ``.json`` (or with ``force``)."""
+    atomic.check_file_target(out, (".json",), force=force)
     banner("metrics", f"{ref_dir} vs {test_dir} -> {out}")
     result = folder_metrics(ref_dir, test_dir, options, batch_size)
     write_folder_metrics(result, out, ref_dir, test_dir)

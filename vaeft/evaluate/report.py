@@ -153,10 +153,17 @@ def evaluate_models(
     metrics_file: str | Path,
     report_dir: str | Path,
     train_steps: dict[str, int | None] | None = None,
+    *,
+    force: bool = False,
 ) -> EvalResult:
+    """``force``: replace ``report_dir`` (and a non-JSON ``metrics_file``) whoever wrote them."""
     if not models:
         raise ValueError("evaluate needs at least one model (NAME=PATH)")
     metrics_file, report_dir = Path(metrics_file), Path(report_dir)
+    inputs = [data_dir, *models.values()]
+    # Before any reconstruction: refusing after an hour of evaluation helps nobody.
+    atomic.check_dir_target(report_dir, "eval-report", force=force, inputs=inputs)
+    atomic.check_file_target(metrics_file, (".json",), force=force, inputs=[*inputs, report_dir])
     protocol = PROTOCOL.format(size=params.image_size)
     banner("evaluate", f"{len(models)} models -> {metrics_file}, {report_dir}")
     items = eval_items(data_dir)
@@ -191,7 +198,7 @@ def evaluate_models(
             per_image[name] = acc.arrays()
     metrics = {name: json_safe(s.as_dict()) for name, s in summaries.items()}
     atomic.write_json(metrics_file, metrics)
-    with atomic.atomic_dir(report_dir) as tmp:
+    with atomic.atomic_dir(report_dir, "eval-report", force=force, inputs=inputs) as tmp:
         atomic.write_text(tmp / TABLE_FILE, markdown_table(metrics, train_steps or {}, protocol))
         atomic.write_text(tmp / PER_IMAGE_FILE, _per_image_csv(items, per_image, pair.per_image_names))
         if params.grid_rows and grid_orig:

@@ -61,7 +61,8 @@ def model_card(name: str, eval_table: str | None) -> str:
 def write_sums(root: Path) -> Path:
     lines = [
         f"{file_sha256(p)}  {p.relative_to(root).as_posix()}"
-        for p in sorted(q for q in root.rglob("*") if q.is_file() and q.name != SUMS_FILE)
+        # The output marker is vaeft's bookkeeping, not release content.
+        for p in sorted(q for q in root.rglob("*") if q.is_file() and q.name not in (SUMS_FILE, atomic.MARKER_FILE))
     ]
     atomic.write_text(root / SUMS_FILE, "\n".join(lines) + "\n")
     return root / SUMS_FILE
@@ -83,18 +84,23 @@ def export_models(
     models: dict[str, str | Path],
     out_dir: str | Path,
     eval_table: str | Path | None = None,
+    *,
+    force: bool = False,
 ) -> ExportResult:
+    """``force``: replace ``out_dir`` even when it is not an export vaeft wrote."""
     if not models:
         raise ValueError("export needs at least one model (NAME=PATH)")
     out_dir = Path(out_dir)
+    inputs = list(models.values())
+    atomic.check_dir_target(out_dir, "export", force=force, inputs=inputs)
     banner("export", f"{', '.join(models)} -> {out_dir}")
     table = Path(eval_table).read_text(encoding="utf-8") if eval_table else None
     dtype = _DTYPES[params.dtype]
     written: dict[str, Path] = {}
-    with atomic.atomic_dir(out_dir) as tmp:
+    with atomic.atomic_dir(out_dir, "export", force=force, inputs=inputs) as tmp:
         for name, path in models.items():
             vae = load_autoencoder(path, dtype=dtype)
-            save_diffusers(vae, tmp / name / "diffusers")
+            save_diffusers(vae, tmp / name / "diffusers", marked=False)
             save_ldm(vae, tmp / name / "ldm" / f"{name}.safetensors")
             atomic.write_text(tmp / name / "README.md", model_card(name, table))
             written[name] = out_dir / name / "diffusers"

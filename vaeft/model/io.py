@@ -181,10 +181,14 @@ def load_with_architecture(path: str | Path, arch: ArchitectureParams) -> Autoen
     return load_autoencoder(path, config=None if is_diffusers_folder(path) else arch)
 
 
-def save_diffusers(vae: AutoencoderKL, out_dir: str | Path) -> Path:
-    """Write ``config.json`` + ``diffusion_pytorch_model.safetensors`` atomically into ``out_dir``."""
+def save_diffusers(vae: AutoencoderKL, out_dir: str | Path, *, force: bool = False, marked: bool = True) -> Path:
+    """Write ``config.json`` + ``diffusion_pytorch_model.safetensors`` atomically into ``out_dir``.
+
+    ``out_dir`` is replaced only when it is a model folder vaeft wrote (or empty), or with ``force``.
+    ``marked=False`` leaves out the output marker, for a model folder inside a larger output.
+    """
     out_dir = Path(out_dir)
-    with atomic.atomic_dir(out_dir) as tmp:
+    with atomic.atomic_dir(out_dir, "model" if marked else None, force=force) as tmp:
         vae.save_pretrained(tmp, safe_serialization=True)
     return out_dir
 

@@ -39,13 +39,20 @@ def publish_local(export_dir: str | Path, target: str | Path) -> PublishResult:
     export_dir, target = Path(export_dir), Path(target)
     version = release_version(export_dir)
     dest = target / version
+    if target.exists() and not target.is_dir():
+        raise atomic.OutputRefusedError(f"refusing to publish to {target}: it is a file, not a folder")
     if dest.exists():
-        if (dest / SUMS_FILE).read_bytes() != (export_dir / SUMS_FILE).read_bytes():
+        sums = dest / SUMS_FILE
+        if not sums.is_file() or sums.read_bytes() != (export_dir / SUMS_FILE).read_bytes():
             raise PublishConflictError(f"{dest} exists with different contents; refusing to overwrite")
         console.print(f"publish: {dest} already holds this release, nothing to do")
         return PublishResult(version, dest, uploaded=False)
-    with atomic.atomic_dir(dest) as tmp:
+    atomic.check_file_target(target / "LATEST")
+    with atomic.atomic_dir(dest, "release", inputs=[export_dir]) as tmp:
         shutil.copytree(export_dir, tmp, dirs_exist_ok=True)
+        # copytree keeps the export's modes; the release gets what the publisher's umask says,
+        # so the service that serves it can read it.
+        atomic.apply_umask_tree(tmp)
         verify_sums(tmp)  # a bad copy never becomes a release
     atomic.write_text(target / "LATEST", version + "\n")
     console.print(f"publish: release {version} -> {dest}")

@@ -77,6 +77,15 @@ def build_loss(cfg: TrainPhaseParams) -> ReconstructionLoss:
     return ReconstructionLoss(cfg.loss, lpips)
 
 
+def check_outputs(out_dir: str | Path, log_file: str | Path | None, inputs: list[str | Path | None],
+                  force: bool = False) -> None:
+    """Refuse, before any training, an ``out_dir`` or log that would destroy something else."""
+    ins = [p for p in inputs if p is not None]
+    atomic.check_dir_target(out_dir, "model", force=force, inputs=ins)
+    if log_file is not None:
+        atomic.check_file_target(log_file, (".csv",), force=force, inputs=ins)
+
+
 def train_phase(
     phase: str,
     params: Params,
@@ -86,24 +95,28 @@ def train_phase(
     log_file: str | Path | None = None,
     state_root: str | Path = ".vaeft/state",
     crops_dir: str | Path | None = None,
+    *,
+    force: bool = False,
 ) -> TrainResult:
     """Train one phase and write its model to ``out_dir`` (resumes from ``state_root`` if possible).
 
     ``crops_dir``: materialised crops (the ``augment`` stage) to train on instead of online crops.
+    ``force``: replace ``out_dir`` even when it is not a model folder vaeft wrote.
     """
+    check_outputs(out_dir, log_file, [data_dir, init, crops_dir], force)
     cfg = phase_params(params, phase)
     ctx = dist_.init_distributed()
     try:
         return _train(phase, params, cfg, ctx, Path(data_dir), Path(out_dir), init,
                       Path(log_file) if log_file is not None else None, Path(state_root),
-                      Path(crops_dir) if crops_dir is not None else None)
+                      Path(crops_dir) if crops_dir is not None else None, force)
     finally:
         dist_.shutdown(ctx)
 
 
 def _train(phase: str, params: Params, cfg: TrainPhaseParams, ctx: dist_.DistContext, data_dir: Path,
            out_dir: Path, init: str | Path | None, log_file: Path | None, state_root: Path,
-           crops_dir: Path | None) -> TrainResult:
+           crops_dir: Path | None, force: bool = False) -> TrainResult:
     main = ctx.is_main
     device = ctx.device
     global_batch = cfg.batch_size * cfg.accumulate * ctx.world_size
@@ -217,7 +230,7 @@ def _train(phase: str, params: Params, cfg: TrainPhaseParams, ctx: dist_.DistCon
     seconds = time.perf_counter() - t0
     if main:
         vae.eval()
-        save_diffusers(vae.to("cpu"), out_dir)
+        save_diffusers(vae.to("cpu"), out_dir, force=force)
         provenance.write_run_info(
             out_dir, f"train-{phase}", {f"train.{phase}": cfg, "augment": params.augment, "model": params.model},
             init=str(init) if init is not None else None, seed=params.seed, steps=cfg.steps,
@@ -266,14 +279,18 @@ def prepare_base(
     log_file: str | Path | None = None,
     state_root: str | Path = ".vaeft/state",
     crops_dir: str | Path | None = None,
+    *,
+    force: bool = False,
 ) -> TrainResult:
     """The ``pretrain`` stage: import ``model.base`` if set, else pretrain from scratch."""
     if params.model.base is None:
-        return train_phase("pretrain", params, data_dir, out_dir, None, log_file, state_root, crops_dir=crops_dir)
+        return train_phase("pretrain", params, data_dir, out_dir, None, log_file, state_root, crops_dir=crops_dir,
+                           force=force)
+    check_outputs(out_dir, log_file, [data_dir, params.model.base, crops_dir], force)
     banner("pretrain", f"model.base is set: importing {params.model.base} (no pretraining)")
     t0 = time.perf_counter()
     vae = load_with_architecture(params.model.base, params.model.architecture)
-    save_diffusers(vae, out_dir)
+    save_diffusers(vae, out_dir, force=force)
     provenance.write_run_info(out_dir, "pretrain", {"model": params.model}, imported_from=params.model.base)
     if log_file is not None:
         atomic.write_text(log_file, "step,loss\n")
