@@ -118,6 +118,15 @@ def output_kind(folder: str | Path) -> str | None:
     return None
 
 
+def _check_parent(target: Path) -> None:
+    # mkdir(parents=True) would fail with a traceback, after the work, on a file in the way.
+    for parent in target.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise OutputRefusedError(f"cannot write {target}: {parent} is a file, not a folder")
+            return
+
+
 def _overlaps(a: Path, b: Path) -> bool:
     a, b = a.resolve(), b.resolve()
     return a == b or a in b.parents or b in a.parents
@@ -139,6 +148,7 @@ def check_dir_target(target: str | Path, kind: str | None, *, force: bool = Fals
             raise OutputRefusedError(f"refusing to write {target}: it is, contains or lies inside the input {inp}")
     if target.exists() and not target.is_dir():
         raise OutputRefusedError(f"refusing to replace {target}: it is a file, and the output is a folder")
+    _check_parent(target)
     if not target.exists() or force or not any(target.iterdir()):
         return target
     if kind is not None and output_kind(target) == kind:
@@ -157,6 +167,7 @@ def check_file_target(target: str | Path, suffixes: Iterable[str] = (), *, force
             raise OutputRefusedError(f"refusing to write {target}: it is, contains or lies inside the input {inp}")
     if target.is_dir():
         raise OutputRefusedError(f"refusing to replace {target}: it is a folder, and the output is a file")
+    _check_parent(target)
     suffixes = tuple(s.lower() for s in suffixes)
     if target.exists() and suffixes and target.suffix.lower() not in suffixes and not force:
         raise OutputRefusedError(f"refusing to overwrite {target}: vaeft writes {'/'.join(suffixes)} here, "

@@ -190,6 +190,7 @@ def save_diffusers(vae: AutoencoderKL, out_dir: str | Path, *, force: bool = Fal
     out_dir = Path(out_dir)
     with atomic.atomic_dir(out_dir, "model" if marked else None, force=force) as tmp:
         vae.save_pretrained(tmp, safe_serialization=True)
+        atomic.apply_umask_tree(tmp)  # safetensors writes its file owner-only
     return out_dir
 
 
