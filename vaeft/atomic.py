@@ -127,25 +127,28 @@ def _check_parent(target: Path) -> None:
             return
 
 
-def _overlaps(a: Path, b: Path) -> bool:
+def _overlaps(a: Path, b: Path, inside_ok: bool = False) -> bool:
+    """Whether ``a`` is ``b`` or holds it (or, unless ``inside_ok``, lies inside it)."""
     a, b = a.resolve(), b.resolve()
-    return a == b or a in b.parents or b in a.parents
+    return a == b or a in b.parents or (not inside_ok and b in a.parents)
 
 
 def check_dir_target(target: str | Path, kind: str | None, *, force: bool = False,
-                     inputs: Iterable[str | Path] = ()) -> Path:
+                     inputs: Iterable[str | Path] = (), inside_inputs_ok: bool = True) -> Path:
     """Raise :class:`OutputRefusedError` unless a folder output of ``kind`` may be written at ``target``.
 
     Allowed: a missing or empty folder, one marked as the same kind, or any folder with ``force``.
-    Never allowed, even with ``force``: a file in the folder's place, or a target that is, holds or
-    lies inside one of ``inputs`` (the command would delete what it reads, or write into it).
+    Never allowed, even with ``force``: a file in the folder's place, or a target that is or holds
+    one of ``inputs`` (replacing it would delete what the command reads); nor, unless
+    ``inside_inputs_ok``, one inside an input (curation would read its own output as a source).
     """
     target = Path(target)
     for inp in inputs:
         if isinstance(inp, str) and "://" in inp:
             continue
-        if _overlaps(target, Path(inp)):
-            raise OutputRefusedError(f"refusing to write {target}: it is, contains or lies inside the input {inp}")
+        if _overlaps(target, Path(inp), inside_inputs_ok):
+            what = "is or contains" if inside_inputs_ok else "is, contains or lies inside"
+            raise OutputRefusedError(f"refusing to write {target}: it {what} the input {inp}")
     if target.exists() and not target.is_dir():
         raise OutputRefusedError(f"refusing to replace {target}: it is a file, and the output is a folder")
     _check_parent(target)
@@ -164,7 +167,7 @@ def check_file_target(target: str | Path, suffixes: Iterable[str] = (), *, force
     target = Path(target)
     for inp in inputs:
         if _overlaps(target, Path(inp)):
-            raise OutputRefusedError(f"refusing to write {target}: it is, contains or lies inside the input {inp}")
+            raise OutputRefusedError(f"refusing to write {target}: it is or lies inside the input {inp}")
     if target.is_dir():
         raise OutputRefusedError(f"refusing to replace {target}: it is a folder, and the output is a file")
     _check_parent(target)
@@ -227,7 +230,7 @@ def marker_bytes(kind: str) -> bytes:
 
 @contextlib.contextmanager
 def atomic_dir(target: str | Path, kind: str | None = None, *, force: bool = False,
-               inputs: Iterable[str | Path] = ()) -> Iterator[Path]:
+               inputs: Iterable[str | Path] = (), inside_inputs_ok: bool = True) -> Iterator[Path]:
     """Yield a temporary directory; on success it replaces ``target``.
 
     ``target`` must pass :func:`check_dir_target` (checked before the work and again at the
@@ -235,7 +238,7 @@ def atomic_dir(target: str | Path, kind: str | None = None, *, force: bool = Fal
     """
     target = Path(target)
     inputs = list(inputs)
-    check_dir_target(target, kind, force=force, inputs=inputs)
+    check_dir_target(target, kind, force=force, inputs=inputs, inside_inputs_ok=inside_inputs_ok)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
@@ -243,7 +246,7 @@ def atomic_dir(target: str | Path, kind: str | None = None, *, force: bool = Fal
         if kind is not None:
             write_bytes(tmp / MARKER_FILE, marker_bytes(kind))
         os.chmod(tmp, dir_mode())
-        check_dir_target(target, kind, force=force, inputs=inputs)
+        check_dir_target(target, kind, force=force, inputs=inputs, inside_inputs_ok=inside_inputs_ok)
         if target.exists():
             # A fresh name for the old folder: a fixed one could be something of the user's.
             old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))

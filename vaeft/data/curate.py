@@ -263,7 +263,8 @@ def curate(params: DataParams, out_dir: str | Path, *, force: bool = False) -> C
     ``out_dir`` is checked first (:func:`vaeft.atomic.check_dir_target`): curation can take hours.
     """
     out_dir = Path(out_dir)
-    atomic.check_dir_target(out_dir, "curated", force=force, inputs=local_inputs(params))
+    atomic.check_dir_target(out_dir, "curated", force=force, inputs=local_inputs(params),
+                            inside_inputs_ok=False)
     banner("curate", f"-> {out_dir}")
     work = _work_dir(params)
     cfg = WorkConfig(
@@ -319,7 +320,8 @@ def curate(params: DataParams, out_dir: str | Path, *, force: bool = False) -> C
             f"curation kept {n_train} train and {n_eval} eval images; need at least one of each "
             "(add images or change data.eval_fraction)"
         )
-    with atomic.atomic_dir(out_dir, "curated", force=force, inputs=local_inputs(params)) as tmp:
+    with atomic.atomic_dir(out_dir, "curated", force=force, inputs=local_inputs(params),
+                           inside_inputs_ok=False) as tmp:
         (tmp / "images").mkdir()
         for r in rows:
             _place(_stored_png(work, r.sha256), tmp / r.stored_path)

@@ -48,7 +48,7 @@ def publish_local(export_dir: str | Path, target: str | Path) -> PublishResult:
         console.print(f"publish: {dest} already holds this release, nothing to do")
         return PublishResult(version, dest, uploaded=False)
     atomic.check_file_target(target / "LATEST")
-    with atomic.atomic_dir(dest, "release", inputs=[export_dir]) as tmp:
+    with atomic.atomic_dir(dest, "release", inputs=[export_dir], inside_inputs_ok=False) as tmp:
         shutil.copytree(export_dir, tmp, dirs_exist_ok=True)
         # copytree keeps the export's modes; the release gets what the publisher's umask says,
         # so the service that serves it can read it.
