@@ -228,6 +228,7 @@ def _train(phase: str, params: Params, cfg: TrainPhaseParams, ctx: dist_.DistCon
             skipped_steps=skipped, weights="ema" if ema is not None else "raw",
             world_size=ctx.world_size, global_batch=global_batch, replica_sha256=digests,
         )
+        provenance.record_run(out_dir, f"train-{phase}")
         if log_file is not None:
             atomic.write_text(log_file, log_csv(log_rows))
         if tb is not None:
@@ -279,6 +280,7 @@ def prepare_base(
     vae = load_with_architecture(params.model.base, params.model.architecture)
     save_diffusers(vae, out_dir)
     provenance.write_run_info(out_dir, "pretrain", {"model": params.model}, imported_from=params.model.base)
+    provenance.record_run(out_dir, "pretrain")
     if log_file is not None:
         atomic.write_text(log_file, "step,loss\n")
     return TrainResult("pretrain", Path(out_dir), 0, 0, 0, math.nan, time.perf_counter() - t0)
