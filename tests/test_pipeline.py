@@ -147,6 +147,10 @@ def test_retrain_flow_end_to_end(prefect_harness, s3_endpoint, repo_copy, tmp_pa
     _dvc(rebuilt, "remote", "remove", "storage")
     _dvc(rebuilt, "repro")
     assert _safetensors_sha(rebuilt / "export") == built
+    # ... and the same dvc.lock: every output's hash (the checkpoints' identity) comes out the same,
+    # though this run was at another time, in another folder (no time or commit in the outputs).
+    lock_diff = subprocess.run(["git", "diff", "--exit-code", "dvc.lock"], cwd=rebuilt, capture_output=True, text=True)
+    assert lock_diff.returncode == 0, lock_diff.stdout
 
     # A train.mse param changed: only train-mse and what depends on it re-run.
     raw = yaml.safe_load((repo / "params.yaml").read_text())
