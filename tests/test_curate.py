@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import time
 
 import numpy as np
 import pytest
@@ -158,3 +159,79 @@ def test_missing_source_folder_is_a_clear_error(tmp_path):
     with pytest.raises(CurationError, match="data source 'x': folder .* does not exist"):
         curate(params, tmp_path / "out")
     assert not (tmp_path / "out").exists()  # nothing half-written
+
+
+def _tree_digests(root) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_colour_managed_sources_curate_to_identical_bytes_at_any_time_and_worker_count(tmp_path):
+    from PIL import ImageCms
+
+    src = tmp_path / "managed"
+    src.mkdir()
+    reddish = _photo(21).copy()
+    reddish[..., 1:] //= 5
+    Image.fromarray(reddish).save(src / "swapped.png", icc_profile=swapped_primaries_icc())
+    # A LittleCMS-made profile carries its creation time, like the one curation converts into.
+    srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    Image.fromarray(_photo(22)).save(src / "tagged.jpg", quality=90, icc_profile=srgb)
+    Image.fromarray(_photo(23)).save(src / "tagged.png", icc_profile=srgb)
+    Image.fromarray(_photo(24)).save(src / "plain.png")
+
+    def params(work, workers):
+        return DataParams(sources=[SourceParams(name="m", kind="folder", path=str(src))], min_side=64,
+                          eval_fraction=0.5, work_dir=str(work), workers=workers)
+
+    import shutil
+
+    curate(params(tmp_path / "work", 1), tmp_path / "a")
+    shutil.rmtree(tmp_path / "work")  # nothing reused: every PNG is written again
+    time.sleep(1.1)  # profiles made now would carry another second
+    curate(params(tmp_path / "work", 2), tmp_path / "b")  # in spawned workers
+    a, b = _tree_digests(tmp_path / "a"), _tree_digests(tmp_path / "b")
+    assert len([k for k in a if k.startswith("images/")]) == 4
+    infos = [json.loads((tmp_path / d / "run_info.json").read_text()) for d in "ab"]
+    assert [i["params"]["data"].pop("workers") for i in infos] == [1, 2]  # the params as given
+    assert infos[0] == infos[1]
+    assert {k: v for k, v in a.items() if k != "run_info.json"} == {k: v for k, v in b.items() if k != "run_info.json"}
+    for png in (tmp_path / "a" / "images").iterdir():
+        with Image.open(png) as img:
+            assert "icc_profile" not in img.info and not img.text  # untagged: sRGB by convention
+
+
+def test_outputs_do_not_depend_on_commit_or_time_but_the_run_record_keeps_them(tmp_path, monkeypatch):
+    """Two runs from different commits and seconds: same bytes; when/where/commit live in the record."""
+    import subprocess
+
+    from vaeft.provenance import RUN_INFO_FILE, read_run_record, run_record_path
+
+    repo = tmp_path / "repo"
+    src = repo / "photos"
+    src.mkdir(parents=True)
+    for i in range(4):
+        Image.fromarray(_photo(30 + i)).save(src / f"p{i}.png")
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@localhost"]
+    subprocess.run([*git, "init", "-q"], cwd=repo, check=True)
+    monkeypatch.chdir(repo)
+    params = DataParams(sources=[SourceParams(name="p", kind="folder", path="photos")], min_side=64,
+                        eval_fraction=0.5, work_dir=str(tmp_path / "work"), workers=1)
+    records, trees = [], []
+    for n in range(2):
+        (repo / "note.txt").write_text(f"commit {n}")
+        subprocess.run([*git, "add", "-A"], cwd=repo, check=True)
+        subprocess.run([*git, "commit", "-q", "-m", f"c{n}"], cwd=repo, check=True)
+        out = repo / "data" / f"curated{n}"
+        curate(params, out)
+        trees.append(_tree_digests(out))
+        records.append(read_run_record(out))
+        assert run_record_path(out) == repo / ".vaeft" / "runs" / "data" / f"curated{n}.json"
+        info = json.loads((out / RUN_INFO_FILE).read_text())
+        assert "git" not in info and "created_utc" not in info and info["params"]["data"]["min_side"] == 64
+        if n == 0:
+            time.sleep(1.1)
+    assert trees[0] == trees[1]
+    assert records[0]["git"]["commit"] != records[1]["git"]["commit"]
+    assert records[0]["created_utc"] != records[1]["created_utc"] and records[1]["host"]
+    assert records[0]["run_info_sha256"] == hashlib.sha256((repo / "data/curated0" / RUN_INFO_FILE).read_bytes()).hexdigest()

@@ -93,6 +93,12 @@ def test_engine_gan_accumulate_bf16_logs_and_grids(tmp_path, curated, base_model
     result = train_phase("ema", parse_params(raw), curated, tmp_path / "out", init=base_model, log_file=log,
                          state_root=tmp_path / "state")
     header = log.read_text().splitlines()[0].split(",")
-    assert {"l1", "g_loss", "d_weight", "d_loss", "grad_norm", "lr", "img_per_s", "mem_mb"} <= set(header)
+    assert {"l1", "g_loss", "d_weight", "d_loss", "grad_norm", "lr"} <= set(header)
+    # Timings vary run to run: not in the CSV that DVC hashes, but kept beside the run record.
+    assert not {"img_per_s", "mem_mb"} & set(header)
+    from vaeft.train.logs import perf_log_path
+
+    perf = perf_log_path(log).read_text().splitlines()
+    assert perf[0] == "step,img_per_s,mem_mb" and len(perf) == 3
     assert (tmp_path / "log-images" / "step-000000002.png").is_file()
     assert result.skipped_steps == 0

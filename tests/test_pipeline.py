@@ -74,6 +74,7 @@ def test_retrain_flow_end_to_end(prefect_harness, s3_endpoint, repo_copy, tmp_pa
     from flows.retrain import retrain
     from vaeft.config import S3PublishParams
     from vaeft.model.build import autoencoder_class
+    from vaeft.provenance import read_run_record
 
     s3 = boto3.client("s3", endpoint_url=s3_endpoint)
     for bucket in ("dvc-remote", "releases"):
@@ -104,7 +105,10 @@ def test_retrain_flow_end_to_end(prefect_harness, s3_endpoint, repo_copy, tmp_pa
     assert set(metrics) == {"original", "ft-ema", "ft-mse"}
     for stage_dir in ("data/curated", "models/base", "models/ft-ema", "models/ft-mse", "reports/eval", "export"):
         info = json.loads((repo / stage_dir / "run_info.json").read_text())
-        assert info["git"]["commit"] and info["params"], stage_dir  # resolved params + commit recorded
+        assert info["params"] and "git" not in info and "created_utc" not in info, stage_dir
+        record = read_run_record(repo / stage_dir)  # the volatile part, outside DVC's hashes
+        assert record["git"]["commit"] and record["created_utc"] and record["stage"], stage_dir
+        assert record == json.loads((repo / ".vaeft" / "runs" / f"{stage_dir}.json").read_text())
     assert (Path(first.published) / "SHA256SUMS").is_file()
 
     # Receipt: next to the local release, beside every S3 prefix; no credentials anywhere in it.
@@ -143,6 +147,10 @@ def test_retrain_flow_end_to_end(prefect_harness, s3_endpoint, repo_copy, tmp_pa
     _dvc(rebuilt, "remote", "remove", "storage")
     _dvc(rebuilt, "repro")
     assert _safetensors_sha(rebuilt / "export") == built
+    # ... and the same dvc.lock: every output's hash (the checkpoints' identity) comes out the same,
+    # though this run was at another time, in another folder (no time or commit in the outputs).
+    lock_diff = subprocess.run(["git", "diff", "--exit-code", "dvc.lock"], cwd=rebuilt, capture_output=True, text=True)
+    assert lock_diff.returncode == 0, lock_diff.stdout
 
     # A train.mse param changed: only train-mse and what depends on it re-run.
     raw = yaml.safe_load((repo / "params.yaml").read_text())

@@ -23,7 +23,11 @@ RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
 @params_app.command("check")
 def params_check(params: ParamsOpt = DEFAULT_PARAMS_FILE) -> None:
     """Validate a params file; prints 'ok' or the first problem (key and value)."""
+    from vaeft.cli.deps import warn_missing_source_deps
+
     load(params)
+    for line in warn_missing_source_deps(params):
+        typer.secho(line, fg="yellow", err=True)
     typer.echo(f"{params}: ok")
 
 

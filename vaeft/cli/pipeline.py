@@ -101,3 +101,37 @@ def _read_status(path: str | None) -> dict:
     except (OSError, ValueError):
         return {}
     return status if isinstance(status, dict) else {}
+
+
+@stage_app.command("deps")
+def stage_deps_cmd(
+    repo: RepoOpt = Path("."),
+    check: Annotated[bool, typer.Option("--check", help="exit 1 when dvc.yaml's deps differ from the derived ones")] = False,
+    write: Annotated[bool, typer.Option("--write", help="rewrite the stages' deps in dvc.yaml")] = False,
+) -> None:
+    """Each stage's code deps (what its command imports) and local data sources, from the source.
+
+    Without options: print them. Data deps that are not code (data/curated, models/base) are kept.
+    """
+    from vaeft.cli.deps import FIX_COMMAND, check_problems, stage_deps, write_stage_deps
+
+    if check and write:
+        raise UsageError("--check and --write exclude each other")
+    if write:
+        changed = write_stage_deps(repo)
+        typer.echo(f"dvc.yaml: deps of {', '.join(changed)} rewritten" if changed else "dvc.yaml: deps up to date")
+        return
+    deps = stage_deps(repo)
+    if check:
+        problems = check_problems(deps)
+        for line in problems:
+            typer.echo(line)
+        if problems:
+            typer.secho(f"dvc.yaml deps are out of date; fix: {FIX_COMMAND}", fg="red", err=True)
+            raise typer.Exit(1)
+        typer.echo("dvc.yaml: deps up to date")
+        return
+    for s in deps:
+        typer.echo(f"{s.stage}:")
+        for dep in s.wanted:
+            typer.echo(f"  - {dep}")

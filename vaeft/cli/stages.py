@@ -46,7 +46,16 @@ def curate(
             path = s if kind == "s3" else str(require(Path(s), "source"))
             sources.append(SourceParams(name=re.sub(r"[^A-Za-z0-9_.-]", "_", f"src{i}_{Path(s).stem or 'root'}"), kind=kind, path=path))
         data = data.model_copy(update={"sources": sources})
+    else:
+        _warn_unwatched_sources(params)
     run(data, out, force=force)
+
+
+def _warn_unwatched_sources(params: Path) -> None:
+    from vaeft.cli.deps import warn_missing_source_deps
+
+    for line in warn_missing_source_deps(params):
+        typer.secho(line, fg="yellow", err=True)
 
 
 def _source_kind(given: str) -> str:

@@ -5,7 +5,7 @@ Output directory layout::
     OUT/manifest.parquet          one row per kept image (see data/manifest.py)
     OUT/images/<sha256>.png       normalised 8-bit sRGB copies
     OUT/curation_report.json      counts per source and reason, every rejected/dropped file
-    OUT/run_info.json             resolved params + git commit
+    OUT/run_info.json             resolved params and versions (when/where/commit: provenance.record_run)
 
 Work happens in two phases. Shards (a tar file, or a chunk of files / table rows / S3 keys)
 are processed in a process pool; each writes its per-item results and normalised PNGs into a
@@ -32,7 +32,7 @@ from typing import Any
 from vaeft import atomic, provenance
 from vaeft.config import DataParams, SourceParams
 from vaeft.console import banner, console, progress
-from vaeft.data.images import ImageLimits, ImageRejected, load_rgb
+from vaeft.data.images import ImageLimits, ImageRejected, load_rgb, save_png
 from vaeft.data.manifest import MANIFEST_FILE, ManifestRow, write_manifest
 from vaeft.data.phash import NearDuplicateIndex, phash
 from vaeft.data.sources import Item, ReadLimits, Shard, SourceError, iter_items, iter_shards
@@ -40,7 +40,7 @@ from vaeft.errors import VaeftError
 
 REPORT_FILE = "curation_report.json"
 # Bump when per-item processing changes, so stale partial results are not reused.
-_WORK_VERSION = 1
+_WORK_VERSION = 2  # 2: PNGs no longer embed an ICC profile
 
 
 class CurationError(VaeftError):
@@ -142,7 +142,7 @@ def process_item(item: Item, cfg: WorkConfig) -> dict[str, Any]:
         target = _stored_png(cfg.work, sha)
         if not target.exists():
             with atomic.atomic_path(target) as tmp:
-                img.save(tmp, format="PNG")
+                save_png(img, tmp)
         return {"location": item.location, "reason": "", "sha256": sha, "width": img.width,
                 "height": img.height, "phash": ph}
     finally:
@@ -355,6 +355,7 @@ def curate(params: DataParams, out_dir: str | Path, *, force: bool = False) -> C
             },
         )
         provenance.write_run_info(tmp, "curate", {"data": params})
+    provenance.record_run(out_dir, "curate")
     console.print(
         f"curate: kept {len(rows)} ({n_train} train / {n_eval} eval), "
         f"rejected {len(rejected)} {dict(sorted(Counter(r['reason'] for r in rejected).items()))}, "

@@ -74,7 +74,7 @@ def _open(data: bytes | Path) -> Image.Image:
 def load_rgb(src: str | Path | bytes, limits: ImageLimits) -> Image.Image:
     """Open, check and fully decode ``src`` (a path or the file's bytes).
 
-    Returns 8-bit sRGB; raises :class:`ImageRejected` with a reason code.
+    Returns 8-bit sRGB without metadata (an untagged image is sRGB by convention); raises :class:`ImageRejected` with a reason code.
     """
     if isinstance(src, bytes):
         size = len(src)
@@ -109,6 +109,9 @@ def load_rgb(src: str | Path | bytes, limits: ImageLimits) -> Image.Image:
         except (OSError, ValueError, SyntaxError, KeyError, TypeError):
             pass  # unparsable EXIF: keep the stored orientation
         rgb = to_rgb(to_srgb(img))
+    # The pixels are sRGB now; metadata that rode along (the source's or LittleCMS's own sRGB
+    # profile, which embeds its creation time) would only make the stored bytes vary per run.
+    rgb.info.clear()
     w, h = rgb.size
     if min(w, h) < limits.min_side:
         raise ImageRejected("too_small", f"{w}x{h}, min side {limits.min_side}")
@@ -116,3 +119,12 @@ def load_rgb(src: str | Path | bytes, limits: ImageLimits) -> Image.Image:
     if aspect > limits.max_aspect:
         raise ImageRejected("extreme_aspect", f"{w}x{h}, aspect {aspect:.2f} > {limits.max_aspect}")
     return rgb
+
+
+def save_png(img: Image.Image, path: str | Path) -> None:
+    """PNG bytes that depend on the pixels only: no ICC profile, EXIF, text or dpi chunks.
+
+    Pillow takes ``icc_profile`` from ``img.info`` unless told otherwise; the curated store's
+    bytes are what DVC hashes, so nothing run-dependent may reach them.
+    """
+    img.save(path, format="PNG", icc_profile=None, pnginfo=None)

@@ -112,6 +112,7 @@ def materialize_crops(
         pq.write_table(table, tmp / INDEX_FILE, compression="zstd", write_statistics=False)
         provenance.write_run_info(tmp, "augment", {"augment": augment}, seed=seed, crops=len(index), shards=n_shards,
                                   pixel_store_bytes=stored_bytes)
+    provenance.record_run(out_dir, "augment")
     console.print(f"augment: {len(index)} crops in {n_shards} shards" if k else "augment: nothing materialised")
     if augment.pixel_store:
         console.print(f"augment: pixel store of {len(rows)} images, {stored_bytes / 2**20:.1f} MiB")

@@ -208,6 +208,7 @@ def evaluate_models(
                                   models={k: str(v) for k, v in models.items()}, protocol=protocol,
                                   notes=NOTES, device=str(device),
                                   unavailable={k: Unavailable.as_dict(v) for k, v in pair.unavailable.items()})
+    provenance.record_run(report_dir, "evaluate")
     for name, m in metrics.items():
         console.print(f"  {name:>10}: PSNR {_pm(m, 'psnr', 2) or 'n/a'} dB, SSIM {_pm(m, 'ssim', 3) or 'n/a'}")
     return EvalResult(metrics_file, report_dir, metrics)

@@ -104,9 +104,10 @@ def export_models(
             save_ldm(vae, tmp / name / "ldm" / f"{name}.safetensors")
             atomic.write_text(tmp / name / "README.md", model_card(name, table))
             written[name] = out_dir / name / "diffusers"
-        # run_info holds a timestamp: keep it out of SHA256SUMS so identical models give identical sums.
+        # run_info names the input paths, not the release: SHA256SUMS covers the released files only.
         write_sums(tmp)
         provenance.write_run_info(tmp, "export", {"export": params}, models={k: str(v) for k, v in models.items()})
+    provenance.record_run(out_dir, "export")
     for name, p in written.items():
         console.print(f"  {name}: {p}")
     return ExportResult(out_dir, written)

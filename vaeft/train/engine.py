@@ -34,7 +34,15 @@ from vaeft.model.build import build_autoencoder
 from vaeft.model.io import load_with_architecture, save_diffusers
 from vaeft.train import distributed as dist_
 from vaeft.train.checkpoint import CheckpointStore, fingerprint
-from vaeft.train.logs import ReconstructionGrids, log_csv, memory_mb, print_row, tensorboard_writer
+from vaeft.train.logs import (
+    PERF_COLUMNS,
+    ReconstructionGrids,
+    log_csv,
+    memory_mb,
+    perf_log_path,
+    print_row,
+    tensorboard_writer,
+)
 from vaeft.train.step import TrainStep
 
 PHASES = ("pretrain", "ema", "mse")
@@ -237,8 +245,10 @@ def _train(phase: str, params: Params, cfg: TrainPhaseParams, ctx: dist_.DistCon
             skipped_steps=skipped, weights="ema" if ema is not None else "raw",
             world_size=ctx.world_size, global_batch=global_batch, replica_sha256=digests,
         )
+        provenance.record_run(out_dir, f"train-{phase}")
         if log_file is not None:
-            atomic.write_text(log_file, log_csv(log_rows))
+            atomic.write_text(log_file, log_csv(log_rows, drop=PERF_COLUMNS))
+            atomic.write_text(perf_log_path(log_file), log_csv(log_rows, columns=PERF_COLUMNS))
         if tb is not None:
             tb.close()
         store.clear()
@@ -292,6 +302,7 @@ def prepare_base(
     vae = load_with_architecture(params.model.base, params.model.architecture)
     save_diffusers(vae, out_dir, force=force)
     provenance.write_run_info(out_dir, "pretrain", {"model": params.model}, imported_from=params.model.base)
+    provenance.record_run(out_dir, "pretrain")
     if log_file is not None:
         atomic.write_text(log_file, "step,loss\n")
     return TrainResult("pretrain", Path(out_dir), 0, 0, 0, math.nan, time.perf_counter() - t0)

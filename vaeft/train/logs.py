@@ -21,12 +21,25 @@ from vaeft.data.evalset import eval_images
 from vaeft.figures import comparison_grid
 
 
-def log_csv(rows: list[dict[str, float]]) -> str:
+# Wall-clock and memory readings: they differ between two identical runs, so they stay out of
+# the CSV that DVC hashes (a plots output) and go to the run's record instead (perf_log_path).
+PERF_COLUMNS = ("img_per_s", "mem_mb")
+
+
+def perf_log_path(log_file: str | Path) -> Path:
+    """Where the throughput/memory columns of ``log_file`` go: beside its run record, unhashed."""
+    from vaeft.provenance import run_record_path
+
+    return run_record_path(log_file).with_suffix(".perf.csv")
+
+
+def log_csv(rows: list[dict[str, float]], columns: tuple[str, ...] | None = None, drop: tuple[str, ...] = ()) -> str:
+    """CSV of ``rows``: every column seen (or ``step`` + ``columns``), less ``drop``."""
     fields: list[str] = []
     for r in rows:
-        fields.extend(k for k in r if k not in fields)
+        fields.extend(k for k in r if k not in fields and k not in drop and (columns is None or k == "step" or k in columns))
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
+    writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n", extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
     return buf.getvalue()
