@@ -20,6 +20,7 @@ from vaeft.cli import stages as _stages  # noqa: F401
 from vaeft.cli import evaluate as _evaluate  # noqa: F401, I001  (after stages: help order)
 from vaeft.cli import weights as _weights  # noqa: F401
 from vaeft.cli import pipeline as _pipeline  # noqa: F401
+from vaeft.cli import reproduce as _reproduce  # noqa: F401
 from vaeft.cli import common
 from vaeft.cli.common import app
 from vaeft import atomic

@@ -32,8 +32,10 @@ from vaeft.hashing import tree_sha256
 from vaeft.losses.reconstruction import ReconstructionLoss
 from vaeft.model.build import build_autoencoder
 from vaeft.model.io import load_with_architecture, save_diffusers
+from vaeft.train import determinism
 from vaeft.train import distributed as dist_
 from vaeft.train.checkpoint import CheckpointStore, fingerprint
+from vaeft.train.determinism import deterministic_mode
 from vaeft.train.logs import ReconstructionGrids, log_csv, memory_mb, print_row, tensorboard_writer
 from vaeft.train.step import TrainStep
 
@@ -96,13 +98,15 @@ def train_phase(
     ``crops_dir``: materialised crops (the ``augment`` stage) to train on instead of online crops.
     """
     cfg = phase_params(params, phase)
-    ctx = dist_.init_distributed()
-    try:
-        return _train(phase, params, cfg, ctx, Path(data_dir), Path(out_dir), init,
-                      Path(log_file) if log_file is not None else None, Path(state_root),
-                      Path(crops_dir) if crops_dir is not None else None)
-    finally:
-        dist_.shutdown(ctx)
+    # Before the process group and the first CUDA op: cuBLAS reads its workspace setting once.
+    with deterministic_mode(determinism.requested(cfg.deterministic)):
+        ctx = dist_.init_distributed()
+        try:
+            return _train(phase, params, cfg, ctx, Path(data_dir), Path(out_dir), init,
+                          Path(log_file) if log_file is not None else None, Path(state_root),
+                          Path(crops_dir) if crops_dir is not None else None)
+        finally:
+            dist_.shutdown(ctx)
 
 
 def _train(phase: str, params: Params, cfg: TrainPhaseParams, ctx: dist_.DistContext, data_dir: Path,
