@@ -215,6 +215,7 @@ def test_receipt_records_what_reproduce_needs(mini_release, tmp_path):
     raw = receipt_bytes(receipt).decode()
     assert "tok3n" not in raw and "s3cret" not in raw
     assert receipt["schema"] == 2 and receipt["git"]["remote_url"] == "https://git.example.com/org/vaeft.git"
+    assert receipt["git"]["changed"] == [".dvc/config"] and receipt["git"]["dirty"]  # the remote added above
     assert receipt["dvc_remote"]["name"] == "storage"
     assert receipt["metrics"] is None  # this copy has no metrics/eval.json
     assert json.loads(mini_release["receipt"].read_text())["metrics"]["m1"]["psnr_mean"] == 30.0
@@ -266,3 +267,30 @@ def test_deterministic_phase_trains_the_same_bits_on_cpu(tmp_path, curated, base
         out[det] = file_sha256(tmp_path / f"out{det}" / "diffusion_pytorch_model.safetensors")
     assert out[True] == out[False]
     assert not torch.are_deterministic_algorithms_enabled()
+
+
+def test_rebuild_uses_the_receipts_params_and_names_machine_differences(tmp_path):
+    from vaeft.config import load_params, params_as_dict
+    from vaeft.reproduce import _align_params, environment_diff
+
+    (tmp_path / "params.yaml").write_text("seed: 0\n")
+    notes: list[str] = []
+    _align_params(tmp_path, {"params": {"seed": 0}}, notes)  # the same params, however spelled
+    assert notes == [] and (tmp_path / "params.yaml").read_text() == "seed: 0\n"
+    _align_params(tmp_path, {"params": {"seed": 7}}, notes)
+    assert load_params(tmp_path / "params.yaml").seed == 7 and "rebuilt with the receipt's params" in notes[0]
+    assert params_as_dict(load_params(tmp_path / "params.yaml"))["seed"] == 7
+
+    env = {"machine": "x86_64", "cpu": "A", "cpu_count": 2, "torch_threads": 2, "cuda_device": None, "torch": "2.13.0"}
+    assert environment_diff(env, dict(env)) == {"known": True, "same_machine_type": True, "differs": {}}
+    newer = environment_diff(env, {**env, "torch": "2.14.0"})
+    assert newer["same_machine_type"] is True and set(newer["differs"]) == {"torch"}
+    gpu = environment_diff(env, {**env, "cuda_device": "NVIDIA H100"})
+    assert gpu["same_machine_type"] is False and gpu["differs"]["cuda_device"]["rebuild"] == "NVIDIA H100"
+    assert environment_diff(None, env)["known"] is False
+
+    from vaeft.reproduce import uncommitted_inputs
+
+    assert uncommitted_inputs({"dirty": True, "changed": ["dvc.lock", "data/.gitignore"]}) == []
+    assert uncommitted_inputs({"dirty": True, "changed": ["dvc.lock", "params.yaml"]}) == ["params.yaml"]
+    assert uncommitted_inputs({"dirty": True}) == ["(unknown files)"] and uncommitted_inputs({"dirty": False}) == []

@@ -452,6 +452,15 @@ def _pull_inputs(clone: Path, env: dict[str, str], remote: str | None, notes: li
     notes.append(f"Pulled {', '.join(tracked)}" + (f" from remote {remote!r}." if remote else " from the default remote."))
 
 
+def uncommitted_inputs(git: dict[str, Any]) -> list[str]:
+    """Tracked files the release's checkout had changed, other than what the pipeline itself
+    rewrites (dvc.lock, the .gitignore entries DVC adds); schema 1 only knew ``dirty``."""
+    changed = git.get("changed")
+    if changed is None:
+        return ["(unknown files)"] if git.get("dirty") else []
+    return [p for p in changed if p != "dvc.lock" and Path(p).name != ".gitignore"]
+
+
 def _remote_name(receipt: dict[str, Any], params: ReproduceParams) -> str | None:
     if params.remote:
         return params.remote
@@ -483,9 +492,10 @@ def reproduce(receipt_src: str | Path, workdir: str | Path | None = None, params
     workdir = Path(workdir).resolve() if workdir is not None else Path(tempfile.mkdtemp(prefix="vaeft-reproduce-"))
     banner("reproduce", f"release {receipt.get('release')} from commit {commit[:12]} -> {workdir}")
     notes: list[str] = []
-    if receipt["git"].get("dirty"):
-        notes.append("The release was built from a checkout with uncommitted changes to tracked files; "
-                     "the rebuild uses the commit as committed.")
+    changed = uncommitted_inputs(receipt["git"])
+    if changed:
+        notes.append(f"The release was built with uncommitted changes to {', '.join(changed)}; the rebuild "
+                     "uses the commit as committed (and the receipt's params).")
     if receipt.get("schema", 1) < 2:
         notes.append("Schema-1 receipt: no metrics or environment recorded, so neither can be compared.")
     _prepare_workdir(workdir, str(receipt_src))

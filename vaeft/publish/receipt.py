@@ -48,7 +48,7 @@ def build_receipt(repo: str | Path, export_dir: str | Path, published: dict[str,
     return {
         "schema": RECEIPT_SCHEMA,
         "release": release_version(export_dir),
-        "git": {**git_commit(repo), "remote_url": git_remote_url(repo)},
+        "git": {**git_commit(repo), "changed": git_changed_paths(repo), "remote_url": git_remote_url(repo)},
         "dvc_lock_sha256": file_sha256(lock) if lock.is_file() else None,
         "dvc_remote": dvc_remote_info(repo, dvc_remote),
         "params": params_as_dict(load_params(repo / "params.yaml")),
@@ -78,6 +78,19 @@ def git_remote_url(repo: str | Path) -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return strip_userinfo(out.stdout.strip()) if out.returncode == 0 and out.stdout.strip() else None
+
+
+def git_changed_paths(repo: str | Path) -> list[str] | None:
+    """Tracked files that differ from the commit (``dirty`` says only whether any do): a rebuild
+    from the commit can tell the pipeline's own bookkeeping (dvc.lock) from changed inputs."""
+    try:
+        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
+                             capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    return sorted(line[3:].split(" -> ")[-1] for line in out.stdout.splitlines() if len(line) > 3)
 
 
 def dvc_remote_info(repo: str | Path, name: str | None = None) -> dict[str, str | None] | None:
