@@ -76,8 +76,12 @@ def _check_export(repo: Path) -> Path:
 
 @flow(name="publish", log_prints=True)
 def publish(repo: str | None = None, publish_to: str | None = None,
-            s3: S3PublishParams | None = None, hub: HubPublishParams | None = None) -> PublishSummary:
-    """Publish ``repo``'s export (checked against dvc.lock) to every configured target."""
+            s3: S3PublishParams | None = None, hub: HubPublishParams | None = None,
+            dvc_remote: str | None = None) -> PublishSummary:
+    """Publish ``repo``'s export (checked against dvc.lock) to every configured target.
+
+    ``dvc_remote``: the DVC remote the run used, recorded in the receipt (default: the repo's default).
+    """
     cfg = flow_config(repo=repo and Path(repo), publish_to=publish_to and Path(publish_to), s3=s3, hub=hub)
     params = load_params(cfg.repo / "params.yaml")
     export_dir = _check_export(cfg.repo)
@@ -93,7 +97,7 @@ def publish(repo: str | None = None, publish_to: str | None = None,
     if hubp.enabled:
         models = sorted(p.name for p in export_dir.iterdir() if p.is_dir())
         published["hub"] = {m: f"https://huggingface.co/{hubp.repo_prefix}{m}/tree/{version}" for m in models}
-    receipt = build_receipt(cfg.repo, export_dir, published)
+    receipt = build_receipt(cfg.repo, export_dir, published, dvc_remote=dvc_remote)
 
     local_result = publish_release(str(export_dir), str(local))
     receipt_path = write_receipt(receipt, local_result.path)

@@ -74,7 +74,7 @@ def retrain(repo: str | None = None, publish_to: str | None = None, params_file:
                              description="Originals vs reconstructions (DVC out reports/eval)")
 
     pub = publish(repo=str(root), publish_to=str(cfg.publish_to) if cfg.publish_to else None,
-                  s3=cfg.s3, hub=cfg.hub)
+                  s3=cfg.s3, hub=cfg.hub, dvc_remote=cfg.dvc_remote)
     summary = RetrainSummary(
         repo=str(root),
         stages={r.stage: r.ran for r in results},

@@ -265,6 +265,9 @@ class TrainPhaseParams(_Strict):
     # parameters; torch's own default is "foreach" on CUDA and "for-loop" on CPU. fused: 97 ms
     # vs 340 ms per update of the SD decoder on one CPU core (BENCHMARKS.md).
     adam_impl: Literal["fused", "foreach", "for-loop"] = "fused"
+    # GPU runs: deterministic kernels only, cuDNN autotuning off, a fixed cuBLAS workspace, so the
+    # same GPU type rebuilds the same bits (`vaeft reproduce`); slower. No effect on CPU results.
+    deterministic: bool = False
     # Export the EMA of the trained weights (the released ft-EMA/ft-MSE weights are EMA).
     ema: bool = True
     ema_decay: float = Field(default=0.9999, ge=0.0, lt=1.0)

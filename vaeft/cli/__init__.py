@@ -20,6 +20,7 @@ from vaeft.cli import evaluate as _evaluate  # noqa: F401  (after stages: help o
 from vaeft.cli import model as _model  # noqa: F401
 from vaeft.cli import params as _params  # noqa: F401
 from vaeft.cli import pipeline as _pipeline  # noqa: F401
+from vaeft.cli import reproduce as _reproduce  # noqa: F401
 from vaeft.cli import stages as _stages  # noqa: F401
 from vaeft.cli import weights as _weights  # noqa: F401
 from vaeft.cli.common import app

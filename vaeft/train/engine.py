@@ -32,8 +32,10 @@ from vaeft.hashing import tree_sha256
 from vaeft.losses.reconstruction import ReconstructionLoss
 from vaeft.model.build import build_autoencoder
 from vaeft.model.io import load_with_architecture, save_diffusers
+from vaeft.train import determinism
 from vaeft.train import distributed as dist_
 from vaeft.train.checkpoint import CheckpointStore, fingerprint
+from vaeft.train.determinism import deterministic_mode
 from vaeft.train.logs import (
     PERF_COLUMNS,
     ReconstructionGrids,
@@ -113,13 +115,15 @@ def train_phase(
     """
     check_outputs(out_dir, log_file, [data_dir, init, crops_dir], force)
     cfg = phase_params(params, phase)
-    ctx = dist_.init_distributed()
-    try:
-        return _train(phase, params, cfg, ctx, Path(data_dir), Path(out_dir), init,
-                      Path(log_file) if log_file is not None else None, Path(state_root),
-                      Path(crops_dir) if crops_dir is not None else None, force)
-    finally:
-        dist_.shutdown(ctx)
+    # Before the process group and the first CUDA op: cuBLAS reads its workspace setting once.
+    with deterministic_mode(determinism.requested(cfg.deterministic)):
+        ctx = dist_.init_distributed()
+        try:
+            return _train(phase, params, cfg, ctx, Path(data_dir), Path(out_dir), init,
+                          Path(log_file) if log_file is not None else None, Path(state_root),
+                          Path(crops_dir) if crops_dir is not None else None, force)
+        finally:
+            dist_.shutdown(ctx)
 
 
 def _train(phase: str, params: Params, cfg: TrainPhaseParams, ctx: dist_.DistContext, data_dir: Path,

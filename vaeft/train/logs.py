@@ -20,7 +20,6 @@ from vaeft.console import console
 from vaeft.data.evalset import eval_images
 from vaeft.figures import comparison_grid
 
-
 # Wall-clock and memory readings: they differ between two identical runs, so they stay out of
 # the CSV that DVC hashes (a plots output) and go to the run's record instead (perf_log_path).
 PERF_COLUMNS = ("img_per_s", "mem_mb")
