@@ -23,7 +23,7 @@ app = typer.Typer(
 
 ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="params file (YAML)")]
 ForceOpt = Annotated[bool, typer.Option(
-    "--force", help="replace the output even when it is not a previous output of this command")]
+    "--force", help="replace an existing output that vaeft did not write (never one of the inputs)")]
 
 
 class UsageError(VaeftError):
