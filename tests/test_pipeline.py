@@ -59,6 +59,9 @@ def _safetensors_sha(root: Path) -> dict[str, str]:
             for p in sorted(root.rglob("*.safetensors"))}
 
 
+# Four pipeline builds (three flow runs, one reproduce): ~9 min on 2 shared cores under load, too
+# close to the suite's 600 s default.
+@pytest.mark.timeout(1200)
 def test_retrain_flow_end_to_end(prefect_harness, s3_endpoint, repo_copy, tmp_path):
     """One training run (the expensive part) serves every promise of the pipeline:
 
