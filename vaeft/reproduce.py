@@ -37,7 +37,7 @@ from rich.markup import escape
 from vaeft import atomic
 from vaeft.config import load_params, params_as_dict, parse_params
 from vaeft.console import banner, console
-from vaeft.errors import VaeftError
+from vaeft.errors import STATUS_FILE_ENV, VaeftError
 from vaeft.export.release import SUMS_FILE
 from vaeft.hashing import file_sha256
 from vaeft.publish.receipt import METRICS_FILE, build_environment
@@ -364,7 +364,7 @@ def _tool_env(deterministic: bool) -> dict[str, str]:
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
     env.setdefault("DVC_NO_ANALYTICS", "1")
     # A status file an orchestrator gave *this* command must not be overwritten by the stages.
-    env.pop("VAEFT_STATUS_FILE", None)
+    env.pop(STATUS_FILE_ENV, None)
     if deterministic:
         env[DETERMINISTIC_ENV] = "1"
         env.setdefault(CUBLAS_WORKSPACE_ENV, CUBLAS_WORKSPACE)
