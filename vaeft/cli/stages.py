@@ -21,6 +21,9 @@ from vaeft.cli.common import (
 )
 from vaeft.config import Params
 
+FreshOpt = Annotated[bool, typer.Option(
+    "--fresh", help="move this output's saved training state aside (kept, renamed *.old-TIME) and start from step 0")]
+
 
 @app.command()
 def curate(
@@ -76,6 +79,7 @@ def pretrain(
     state_dir: Annotated[Path, typer.Option(help="resumable training state (outside DVC outputs)")] = Path(".vaeft/state"),
     crops: Annotated[Path | None, typer.Option(help="the augment stage's output (materialised crops or pixel store)")] = None,
     force: ForceOpt = False,
+    fresh: FreshOpt = False,
 ) -> None:
     """The base model: import model.base if set, else pretrain the tiny autoencoder from scratch.
 
@@ -89,7 +93,7 @@ def pretrain(
     check_outputs(out, log, [data, p.model.base, crops], force)  # before any training, once
     if p.model.base is None:  # importing a base is one process's work
         relaunch_if_asked()
-    prepare_base(p, data, out, log, state_dir, crops_dir=crops, force=force)
+    prepare_base(p, data, out, log, state_dir, crops_dir=crops, force=force, fresh=fresh)
 
 
 @app.command()
@@ -103,6 +107,7 @@ def train(
     state_dir: Annotated[Path, typer.Option(help="resumable training state (outside DVC outputs)")] = Path(".vaeft/state"),
     crops: Annotated[Path | None, typer.Option(help="the augment stage's output (materialised crops or pixel store); online crops if empty")] = None,
     force: ForceOpt = False,
+    fresh: FreshOpt = False,
 ) -> None:
     """Decoder-only fine-tune (encoder frozen), exporting EMA weights. Re-running resumes.
 
@@ -119,7 +124,7 @@ def train(
     out = out or Path(f"models/ft-{phase}")
     check_outputs(out, log, [data, init, crops], force)  # before any training, once
     relaunch_if_asked()
-    train_phase(phase, p, data, out, init, log, state_dir, crops_dir=crops, force=force)
+    train_phase(phase, p, data, out, init, log, state_dir, crops_dir=crops, force=force, fresh=fresh)
 
 
 @app.command()

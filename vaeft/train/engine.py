@@ -14,9 +14,10 @@ resume, skipped steps, logs and checkpoints. Helpers: :mod:`.distributed`, :mod:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -34,7 +35,7 @@ from vaeft.model.build import build_autoencoder
 from vaeft.model.io import load_with_architecture, save_diffusers
 from vaeft.train import determinism
 from vaeft.train import distributed as dist_
-from vaeft.train.checkpoint import CheckpointStore, fingerprint
+from vaeft.train.checkpoint import CheckpointStore, StateError, StateLock, run_config, state_dir
 from vaeft.train.determinism import deterministic_mode
 from vaeft.train.logs import (
     PERF_COLUMNS,
@@ -68,6 +69,24 @@ class TrainResult:
     skipped_steps: int
     final_loss: float
     seconds: float
+
+
+@dataclass
+class Progress:
+    """The loop's counters as one checkpointed part: the step counter, the loader's position
+    (micro-batches drawn by each rank; a batch is a pure function of it), skipped steps, log rows."""
+
+    step: int = 0
+    micro_batch: int = 0
+    skipped: int = 0
+    log: list[dict] = field(default_factory=list)
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "micro_batch": self.micro_batch, "skipped": self.skipped, "log": list(self.log)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.micro_batch = int(state["step"]), int(state["micro_batch"])
+        self.skipped, self.log = int(state["skipped"]), list(state["log"])
 
 
 def phase_params(params: Params, phase: str) -> TrainPhaseParams:
@@ -107,28 +126,33 @@ def train_phase(
     crops_dir: str | Path | None = None,
     *,
     force: bool = False,
+    fresh: bool = False,
 ) -> TrainResult:
     """Train one phase and write its model to ``out_dir`` (resumes from ``state_root`` if possible).
 
     ``crops_dir``: materialised crops (the ``augment`` stage) to train on instead of online crops.
     ``force``: replace ``out_dir`` even when it is not a model folder vaeft wrote.
+    ``fresh``: move this output's saved state aside (kept, renamed) and start from step 0.
     """
     check_outputs(out_dir, log_file, [data_dir, init, crops_dir], force)
     cfg = phase_params(params, phase)
     # Before the process group and the first CUDA op: cuBLAS reads its workspace setting once.
     with deterministic_mode(determinism.requested(cfg.deterministic)):
         ctx = dist_.init_distributed()
+        state = state_dir(state_root, phase, out_dir)
         try:
-            return _train(phase, params, cfg, ctx, Path(data_dir), Path(out_dir), init,
-                          Path(log_file) if log_file is not None else None, Path(state_root),
-                          Path(crops_dir) if crops_dir is not None else None, force)
+            # Rank 0 writes the output and the state: it alone holds the lock, for the whole run.
+            with StateLock(state, out_dir) if ctx.is_main else contextlib.nullcontext():
+                return _train(phase, params, cfg, ctx, Path(data_dir), Path(out_dir), init,
+                              Path(log_file) if log_file is not None else None, state,
+                              Path(crops_dir) if crops_dir is not None else None, force, fresh)
         finally:
             dist_.shutdown(ctx)
 
 
 def _train(phase: str, params: Params, cfg: TrainPhaseParams, ctx: dist_.DistContext, data_dir: Path,
-           out_dir: Path, init: str | Path | None, log_file: Path | None, state_root: Path,
-           crops_dir: Path | None, force: bool = False) -> TrainResult:
+           out_dir: Path, init: str | Path | None, log_file: Path | None, state: Path,
+           crops_dir: Path | None, force: bool = False, fresh: bool = False) -> TrainResult:
     main = ctx.is_main
     device = ctx.device
     global_batch = cfg.batch_size * cfg.accumulate * ctx.world_size
@@ -145,11 +169,11 @@ def _train(phase: str, params: Params, cfg: TrainPhaseParams, ctx: dist_.DistCon
         vae = load_with_architecture(init, params.model.architecture)
         init_digest = tree_sha256(init)
     runner = TrainStep(cfg, vae, loss_fn, device, params.seed, ctx)
-    opt, gan, scaler, ema, noise, named = runner.opt, runner.gan, runner.scaler, runner.ema, runner.noise, runner.named
+    ema, noise, named = runner.ema, runner.noise, runner.named
 
     store = CheckpointStore(
-        state_root / phase,
-        fingerprint(
+        state,
+        run_config(
             phase=phase,
             train=cfg.model_dump(mode="json"),
             augment=params.augment.model_dump(mode="json"),
@@ -161,25 +185,29 @@ def _train(phase: str, params: Params, cfg: TrainPhaseParams, ctx: dist_.DistCon
         ),
         keep=cfg.keep_checkpoints,
     )
-    start, skipped, log_rows = 0, 0, []
-    # Rank 0 looks first: latest() removes a stale run's state, which the others must not race.
-    state = store.latest() if main else None
+    counters = Progress()
+    # Rank 0 looks first (it holds the lock): it moves state aside, cleans a killed write's
+    # temporary files and sets damaged checkpoints aside; the others then only read.
+    if main:
+        if fresh and (moved := store.move_aside()) is not None:
+            console.print(f"--fresh: previous training state moved aside to {moved}")
+        if removed := store.clean_temp():
+            console.print(f"removed {len(removed)} temporary file(s) a killed run left in {store.dir}")
+    saved = store.load() if main else None
     dist_.barrier(ctx)
     if not main:
-        state = store.latest()
-    if state is not None:
-        vae.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
-        loss_fn.logvar.data.copy_(state["logvar"])
-        if gan is not None:
-            gan.load_state_dict(state["gan"])
-        scaler.load_state_dict(state["scaler"])
-        noise.set_state(state["noise_rng"][ctx.rank])
-        start, skipped, log_rows = state["step"], state["skipped"], list(state["log"])
+        saved = store.load(readonly=True)
+    if saved is not None:
+        parts = saved["parts"]
+        runner.load_state_dict(parts["train_step"])
+        noise.set_state(parts["noise_rng"][ctx.rank])
+        counters.load_state_dict(parts["progress"])
+        if counters.step > cfg.steps:
+            raise StateError(f"the training state in {store.dir} is at step {counters.step}, past steps = "
+                             f"{cfg.steps}: raise steps, or pass --fresh to move it aside and start over")
         if main:
-            console.print(f"resuming {phase} from step {start} ({store.dir})")
+            console.print(f"resuming {phase} from step {counters.step} ({store.dir})")
+    start, skipped, log_rows = counters.step, counters.skipped, counters.log
     if main:
         console.print(f"loss = {loss_fn.describe()}; LPIPS {'on' if cfg.loss.lpips else 'off (weight 0)'}; "
                       f"GAN {cfg.gan.kind + ' from step ' + str(cfg.gan.disc_start) if cfg.gan else 'off'}; "
@@ -193,7 +221,7 @@ def _train(phase: str, params: Params, cfg: TrainPhaseParams, ctx: dist_.DistCon
     t0 = time.perf_counter()
     t_window, n_window = time.perf_counter(), 0
     acc = cfg.accumulate
-    loader = iter(train_batches(data_dir, params.augment, params.seed, cfg.batch_size, start * acc, cfg.steps * acc,
+    loader = iter(train_batches(data_dir, params.augment, params.seed, cfg.batch_size, counters.micro_batch, cfg.steps * acc,
                                 cfg.num_workers, rank=ctx.rank, world_size=ctx.world_size, crops_dir=crops_dir))
     with progress() as bar:
         task = bar.add_task(f"train {phase}", total=cfg.steps, completed=start, info="", visible=main)
@@ -232,7 +260,7 @@ def _train(phase: str, params: Params, cfg: TrainPhaseParams, ctx: dist_.DistCon
                 grids.write(vae, done, device)
             bar.update(task, advance=1, info=f"loss {last_loss:.4f}")
             if done % cfg.checkpoint_every == 0 and done < cfg.steps:
-                _save_checkpoint(ctx, store, done, vae, opt, ema, loss_fn, gan, scaler, noise, skipped, log_rows)
+                _save_checkpoint(ctx, store, runner, Progress(done, done * acc, skipped, log_rows))
 
     digests = dist_.replica_digests(ctx, {**named, **(ema.shadow if ema is not None else {})})
     if len(set(digests)) != 1:
@@ -262,27 +290,19 @@ def _train(phase: str, params: Params, cfg: TrainPhaseParams, ctx: dist_.DistCon
     return TrainResult(phase, out_dir, cfg.steps, start, skipped, last_loss, seconds)
 
 
-def _save_checkpoint(ctx, store, step, vae, opt, ema, loss_fn, gan, scaler, noise, skipped, log_rows) -> None:
-    """Every rank's sampling noise state goes into rank 0's file; only rank 0 writes."""
-    noise_states = [noise.get_state()]
+def _save_checkpoint(ctx: dist_.DistContext, store: CheckpointStore, runner: TrainStep, counters: Progress) -> None:
+    """A checkpoint is the sum of the parts' state dicts; every rank's sampling noise state goes
+    into rank 0's file, and only rank 0 writes."""
+    noise_states = [runner.noise.get_state()]
     if ctx.enabled:
         import torch.distributed as dist
 
         gathered: list = [None] * ctx.world_size
-        dist.all_gather_object(gathered, noise.get_state())
+        dist.all_gather_object(gathered, runner.noise.get_state())
         noise_states = gathered
     if ctx.is_main:
-        store.save(step, {
-            "model": vae.state_dict(),
-            "optimizer": opt.state_dict(),
-            "ema": ema.state_dict() if ema is not None else None,
-            "logvar": loss_fn.logvar.detach().cpu(),
-            "gan": gan.state_dict() if gan is not None else None,
-            "scaler": scaler.state_dict(),
-            "noise_rng": noise_states,
-            "skipped": skipped,
-            "log": log_rows,
-        })
+        store.save(counters.step, {"train_step": runner.state_dict(), "noise_rng": noise_states,
+                                   "progress": counters.state_dict()})
     dist_.barrier(ctx)
 
 
@@ -295,11 +315,12 @@ def prepare_base(
     crops_dir: str | Path | None = None,
     *,
     force: bool = False,
+    fresh: bool = False,
 ) -> TrainResult:
     """The ``pretrain`` stage: import ``model.base`` if set, else pretrain from scratch."""
     if params.model.base is None:
         return train_phase("pretrain", params, data_dir, out_dir, None, log_file, state_root, crops_dir=crops_dir,
-                           force=force)
+                           force=force, fresh=fresh)
     check_outputs(out_dir, log_file, [data_dir, params.model.base, crops_dir], force)
     banner("pretrain", f"model.base is set: importing {params.model.base} (no pretraining)")
     t0 = time.perf_counter()

@@ -187,3 +187,24 @@ class TrainStep:
         if self.ema is not None:
             self.ema.update(self.named)
         return StepResult(True, logs, grad_norm)
+
+    def state_dict(self) -> dict:
+        """What a resumed step needs, part by part (the sampling noise is per rank: the engine's)."""
+        return {
+            "model": self.vae.state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "logvar": self.loss_fn.logvar.detach().cpu(),
+            "gan": self.gan.state_dict() if self.gan is not None else None,
+            "scaler": self.scaler.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.vae.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
+        self.loss_fn.logvar.data.copy_(state["logvar"])
+        if self.gan is not None:
+            self.gan.load_state_dict(state["gan"])
+        self.scaler.load_state_dict(state["scaler"])
