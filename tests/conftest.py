@@ -74,6 +74,19 @@ def base_model(tmp_path_factory, curated) -> Path:
     return root / "model"
 
 
+@pytest.fixture(scope="session")
+def random_weights(tmp_path_factory) -> Path:
+    """A weight store of RANDOM VGG16/AlexNet/InceptionV3 weights (plumbing only), written once
+    per session (seconds) and shared by the metric tests and the benchmark smoke runs."""
+    from tests.randweights import write_random_backbone, write_random_inception
+
+    store = tmp_path_factory.mktemp("random-weights")
+    write_random_backbone(store, "lpips-vgg")
+    write_random_backbone(store, "lpips-alex")
+    write_random_inception(store)
+    return store
+
+
 @dataclass
 class PrefectServer:
     """A real ``prefect server start`` in its own process group, with its own PREFECT_HOME."""
