@@ -30,12 +30,12 @@ from vaeft.config import Params, load_params, params_as_dict, parse_params  # no
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
-# Deterministic CPU math in tests, one thread per process unless OMP_NUM_THREADS says otherwise;
-# the subprocesses (pipeline stages, CLI runs) inherit it. The toy models gain little from a
-# second thread, and where the cores are shared two OpenMP threads per process wait on each other
-# (a 12-step toy run on a loaded 2-core machine: 1.7 s on one thread, 6.6 s on two).
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+# Deterministic CPU math in tests. This process trains on one thread: the toy models gain little
+# from a second one, and where the cores are shared two OpenMP threads wait on each other (the
+# non-finite test on a loaded 2-core machine: 29 s on two threads, 2.3 s on one). The pipeline
+# test's subprocesses inherit OMP_NUM_THREADS (2 unless set), as before.
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+torch.set_num_threads(1)
 
 
 # --------------------------------------------------------------------------- the temp dir, per run
