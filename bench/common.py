@@ -12,7 +12,7 @@ import platform
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -126,29 +126,57 @@ def forked_peak_rss_mib(prepare: Callable[[], object], work: Callable[[object], 
 # ------------------------------------------------------------------------------ random weights
 
 
-def random_weight_store() -> Path:
-    """A weight store holding RANDOM LPIPS backbones and a Kaiming-initialised Inception.
+_STORE: Path | None = None
 
-    Written once per machine under the temp dir (they are ~150 MB and seeded, so reusable) with
-    the test suite's writers; the real weights cannot be downloaded here (REFERENCE §6).
+
+@contextlib.contextmanager
+def random_weight_store(path: str | Path | None = None) -> Iterator[Path]:
+    """This run's weight store of RANDOM LPIPS backbones and a Kaiming-initialised Inception.
+
+    ``path``: a store to use and fill where files are missing (kept). By default a fresh one under
+    the temp dir, removed when the run ends: the files (~150 MB) take seconds to write, and a
+    fixed shared path raced between concurrent runs. The real weights cannot be downloaded here
+    (REFERENCE §6). Inside the ``with``, ``VAEFT_WEIGHTS_DIR`` points at the store.
     """
+    global _STORE
     from tests.randweights import write_random_backbone, write_random_inception
     from vaeft.weights import registry
 
-    store = Path(tempfile.gettempdir()) / "vaeft-bench-random-weights"
-    reg = registry()
-    for name in ("lpips-vgg", "lpips-alex"):
-        if not (store / reg[name].filename).is_file():
-            write_random_backbone(store, name)
-    if not (store / reg["fid-inception"].filename).is_file():
-        write_random_inception(store)
-    return store
+    with contextlib.ExitStack() as stack:
+        if path is None:
+            store = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="vaeft-bench-weights-")))
+        else:
+            store = Path(path)
+        reg = registry()
+        for name in ("lpips-vgg", "lpips-alex"):
+            if not (store / reg[name].filename).is_file():
+                write_random_backbone(store, name)
+        if not (store / reg["fid-inception"].filename).is_file():
+            write_random_inception(store)
+        old_env = os.environ.get("VAEFT_WEIGHTS_DIR")
+        os.environ["VAEFT_WEIGHTS_DIR"] = str(store)
+        _STORE = store
+        try:
+            yield store
+        finally:
+            _STORE = None
+            if old_env is None:
+                os.environ.pop("VAEFT_WEIGHTS_DIR", None)
+            else:
+                os.environ["VAEFT_WEIGHTS_DIR"] = old_env
 
 
-def use_random_weight_store() -> Path:
-    store = random_weight_store()
-    os.environ["VAEFT_WEIGHTS_DIR"] = str(store)
-    return store
+def current_weight_store() -> Path:
+    """The store of the enclosing :func:`random_weight_store`."""
+    if _STORE is None:
+        raise RuntimeError("no random weight store: call inside `with random_weight_store(...)`")
+    return _STORE
+
+
+def add_weights_dir_arg(ap) -> None:
+    ap.add_argument("--weights-dir", default=None,
+                    help="random weight store to use and fill where files are missing (kept); default: a "
+                         "fresh one under the temp dir, removed at exit")
 
 
 @contextlib.contextmanager
@@ -194,6 +222,6 @@ def photo_batch(n: int, size: int, seed: int = 0):
     return out
 
 
-__all__ = ["ROOT", "RANDOM_WEIGHTS_NOTE", "ensure_torchvision", "forked_peak_rss_mib", "machine_line",
-           "photo_batch", "pick_device", "random_weight_store", "skip_linear_init", "sync", "timed",
-           "use_random_weight_store"]
+__all__ = ["ROOT", "RANDOM_WEIGHTS_NOTE", "add_weights_dir_arg", "current_weight_store", "ensure_torchvision",
+           "forked_peak_rss_mib", "machine_line", "photo_batch", "pick_device", "random_weight_store",
+           "skip_linear_init", "sync", "timed"]

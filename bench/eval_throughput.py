@@ -172,6 +172,7 @@ def parse_args(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-bf16", action="store_true", help="vaeft side: fp32 reconstruction on CUDA too")
     ap.add_argument("--smoke", action="store_true", help="tiny model, 32², 2 images, no FID timing (CI)")
+    common.add_weights_dir_arg(ap)
     args = ap.parse_args(argv)
     device = common.pick_device(args.device)
     args.scale_name = "smoke" if args.smoke else (args.scale or ("sd" if device.type == "cuda" else "toy"))
@@ -182,10 +183,14 @@ def parse_args(argv=None):
 
 def main(argv=None) -> None:
     args, device = parse_args(argv)
+    with common.random_weight_store(args.weights_dir):
+        run(args, device)
+
+
+def run(args, device: torch.device) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     common.ensure_torchvision()
-    common.use_random_weight_store()
     from vaeft.evaluate.report import score_batch
     from vaeft.evaluate.suite import Accumulator, MetricOptions, PairMetrics
     from vaeft.metrics.fid import RunningStats

@@ -23,6 +23,7 @@ Data loading is excluded: both sides read one fixed uint8 batch already on the d
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import itertools
 import math
@@ -82,7 +83,7 @@ def make_cfg(scale: str, batch: int, **options):
 def lpips_file(net: str) -> Path:
     from vaeft.weights import registry
 
-    return common.random_weight_store() / registry()[f"lpips-{net}"].filename
+    return common.current_weight_store() / registry()[f"lpips-{net}"].filename
 
 
 _LPIPS_CACHE: dict[tuple[str, str], torch.nn.Module] = {}
@@ -575,6 +576,7 @@ def parse_args(argv=None):
     ap.add_argument("--matmul-tflops", type=float, default=H100_MEASURED_MATMUL_TFLOPS,
                     help="a measured large-matmul rate, MFU is also printed against it (default 790)")
     ap.add_argument("--smoke", action="store_true", help="tiny model, 16², 2 steps, both tables (CI)")
+    common.add_weights_dir_arg(ap)
     args = ap.parse_args(argv)
     device = common.pick_device(args.device)
     scale = "smoke" if args.smoke else (args.scale or ("sd" if device.type == "cuda" else "toy"))
@@ -595,9 +597,19 @@ def parse_args(argv=None):
 
 def main(argv=None) -> None:
     args, device = parse_args(argv)
-    if (args.compile or args.compile_levers) and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
-        # A fresh inductor cache: first-step times are then cold compile times, as on a new machine.
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="vaeft-bench-inductor-")
+    with contextlib.ExitStack() as stack:
+        if (args.compile or args.compile_levers) and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+            # A fresh inductor cache: first-step times are then cold compile times, as on a new
+            # machine. Removed at exit, like the weight store: nothing of a run stays in the temp dir.
+            cache = stack.enter_context(tempfile.TemporaryDirectory(prefix="vaeft-bench-inductor-"))
+            stack.callback(os.environ.pop, "TORCHINDUCTOR_CACHE_DIR", None)
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
+        # Written before any fork: the memory probes' children read it.
+        stack.enter_context(common.random_weight_store(args.weights_dir))
+        run(args, device)
+
+
+def run(args, device: torch.device) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     common.ensure_torchvision()
@@ -605,7 +617,6 @@ def main(argv=None) -> None:
     base_cfg = make_cfg(args.scale_name, args.batch)
     vaeft_cfg = base_cfg.model_copy(update={"precision": args.precision, "channels_last": args.channels_last,
                                             "adam_impl": args.adam_impl, "compile": args.compile})
-    common.random_weight_store()  # written before any fork, once per machine
     preload()
 
     # CPU peak RSS per side, each alone in a forked child: before this process runs any torch op.

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,9 +30,101 @@ from vaeft.config import Params, load_params, params_as_dict, parse_params  # no
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
-# Deterministic, quick CPU math in tests; the pipeline test's subprocesses inherit this.
+# Deterministic CPU math in tests. This process trains on one thread: the toy models gain little
+# from a second one, and where the cores are shared two OpenMP threads wait on each other (the
+# non-finite test on a loaded 2-core machine: 29 s on two threads, 2.3 s on one). The pipeline
+# test's subprocesses inherit OMP_NUM_THREADS (2 unless set), as before.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
-torch.set_num_threads(2)
+torch.set_num_threads(1)
+
+
+# --------------------------------------------------------------------------- the temp dir, per run
+#
+# The session and every process it starts get a private temp dir (TMPDIR) inside one run
+# directory under the machine's temp dir, for three reasons: whatever is left there at the end was
+# left by this suite (the machine's /tmp is shared with other runs, so a snapshot of it cannot
+# tell), two suites running at once (two worktrees) share nothing, and removing the run
+# directory after a passing session leaves nothing behind, pytest's basetemp included (it is
+# pytest-of-<user>/ inside the private TMPDIR: a failing session keeps it for inspection).
+# Caches the tools keep in shared temp locations go to the run directory on purpose.
+
+_TOOL_CACHES = {
+    "TORCHINDUCTOR_CACHE_DIR": "torchinductor",  # else /tmp/torchinductor_<user>, made by `import torchvision`
+    "DVC_SITE_CACHE_DIR": "dvc-site",  # else /var/tmp/dvc/repo/<hash>, one per repository DVC opens
+}
+_run: dict = {}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    real = Path(tempfile.gettempdir())
+    run = Path(tempfile.mkdtemp(prefix="vaeft-tests-", dir=real))
+    tmp = run / "tmp"
+    tmp.mkdir()
+    env = {"TMPDIR": str(tmp)}
+    for var, name in _TOOL_CACHES.items():
+        if var not in os.environ:
+            env[var] = str(run / "caches" / name)
+    _run.update(real=real, run=run, tmp=tmp, before=set(os.listdir(real)), passed=True,
+                saved_env={k: os.environ.get(k) for k in env}, saved_tempdir=tempfile.tempdir)
+    os.environ.update(env)
+    tempfile.tempdir = str(tmp)  # gettempdir() caches its answer: pytest's capture already asked
+
+
+def _leftover_processes() -> list[str]:
+    import psutil
+
+    found = []
+    for p in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            cmd = " ".join(p.cmdline())
+            if "multiprocessing.resource_tracker" in cmd:
+                continue  # Python's own helper: it exits with this process
+            found.append(f"pid {p.pid}: {cmd[:200]}")
+            p.kill()
+    return found
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if not _run:
+        return
+    left = sorted(p.name for p in _run["tmp"].iterdir() if not p.name.startswith("pytest-of-"))
+    procs = _leftover_processes()
+    elsewhere = sorted(set(os.listdir(_run["real"])) - _run["before"] - {_run["run"].name})
+    lines = []
+    if left:
+        lines.append(f"the suite left these in the temp dir ({_run['tmp']}): {', '.join(left)}")
+    if procs:
+        lines.append("processes the suite started were still running (killed now): " + "; ".join(procs))
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None and (lines or elsewhere):
+        reporter.ensure_newline()
+    for line in lines:
+        if reporter is not None:
+            reporter.write_line(f"LEFTOVER: {line}", red=True, bold=True)
+    if lines and session.exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    if elsewhere and reporter is not None:
+        # Not a failure: other processes on the machine write there too.
+        reporter.write_line(f"note: new in {_run['real']} during the session (this suite's or another "
+                            f"process's): {', '.join(elsewhere)}")
+    _run["passed"] = session.exitstatus in (pytest.ExitCode.OK, pytest.ExitCode.NO_TESTS_COLLECTED)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if not _run:
+        return
+    for key, value in _run["saved_env"].items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    tempfile.tempdir = _run["saved_tempdir"]
+    if _run["passed"]:
+        shutil.rmtree(_run["run"], ignore_errors=True)
+    else:
+        print(f"vaeft tests: kept {_run['run']} (pytest's basetemp and any leftovers) for inspection",
+              file=sys.stderr)
+    _run.clear()
 
 
 def tiny_params_dict() -> dict:
@@ -72,6 +166,19 @@ def base_model(tmp_path_factory, curated) -> Path:
     root = tmp_path_factory.mktemp("base")
     prepare_base(parse_params(tiny_params_dict()), curated, root / "model", state_root=root / "state")
     return root / "model"
+
+
+@pytest.fixture(scope="session")
+def random_weights(tmp_path_factory) -> Path:
+    """A weight store of RANDOM VGG16/AlexNet/InceptionV3 weights (plumbing only), written once
+    per session (seconds) and shared by the metric tests and the benchmark smoke runs."""
+    from tests.randweights import write_random_backbone, write_random_inception
+
+    store = tmp_path_factory.mktemp("random-weights")
+    write_random_backbone(store, "lpips-vgg")
+    write_random_backbone(store, "lpips-alex")
+    write_random_inception(store)
+    return store
 
 
 @dataclass

@@ -6,10 +6,12 @@ paths (loading, slicing, batching) where the real ImageNet / Inception weights c
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import torch
 
+from vaeft import atomic
 from vaeft.compat.torchvision_cpu import ensure_torchvision
 from vaeft.weights import registry
 
@@ -25,8 +27,9 @@ def write_random_backbone(store: Path, name: str, seed: int = 0) -> Path:
     else:
         features = torchvision.models.alexnet(weights=None).features
     path = store / registry()[name].filename
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({f"features.{k}": v for k, v in features.state_dict().items()}, path)
+    # Atomic: a concurrent reader of a shared store sees the whole file or none.
+    with atomic.atomic_path(path) as tmp:
+        torch.save({f"features.{k}": v for k, v in features.state_dict().items()}, tmp)
     return path
 
 
@@ -39,16 +42,17 @@ def write_random_inception(store: Path, seed: int = 0) -> Path:
         def load_state_dict(self, *args, **kwargs):  # construct without any weight file
             return None
 
-    empty = store / "empty.pth"
-    store.mkdir(parents=True, exist_ok=True)
-    torch.save({}, empty)
     torch.manual_seed(seed)
-    model = _Blank("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(empty))
+    # torch-fidelity wants a file to (not) load. A private one: a fixed name in a store two
+    # writers share was deleted under the other one.
+    with tempfile.TemporaryDirectory(prefix="vaeft-empty-weights-") as tmp:
+        empty = Path(tmp) / "empty.pth"
+        torch.save({}, empty)
+        model = _Blank("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(empty))
     for m in model.modules():
         if isinstance(m, torch.nn.Conv2d):
             torch.nn.init.kaiming_normal_(m.weight)
     path = store / registry()["fid-inception"].filename
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(torch.nn.Module.state_dict(model), path)
-    empty.unlink()
+    with atomic.atomic_path(path) as tmp_file:
+        torch.save(torch.nn.Module.state_dict(model), tmp_file)
     return path

@@ -39,8 +39,9 @@ def _start(script: str, *extra: str) -> subprocess.Popen:
 
 
 @pytest.fixture(scope="module")
-def smoke_outputs() -> dict[str, str]:
-    procs = {name: _start(path, "--device", "cpu") for name, path in SCRIPTS.items()}
+def smoke_outputs(random_weights) -> dict[str, str]:
+    procs = {name: _start(path, "--device", "cpu", "--weights-dir", str(random_weights))
+             for name, path in SCRIPTS.items()}
     out = {}
     for name, proc in procs.items():
         text, _ = proc.communicate(timeout=300)

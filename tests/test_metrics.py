@@ -18,7 +18,6 @@ from skimage import color as skcolor
 from skimage import data as skdata
 from skimage.metrics import structural_similarity
 
-from tests.randweights import write_random_backbone, write_random_inception
 from vaeft.compat.torchvision_cpu import ensure_torchvision
 from vaeft.evaluate.suite import MetricOptions, PairMetrics, WeightsRequiredError
 from vaeft.metrics import color
@@ -157,16 +156,6 @@ def test_running_stats_equal_numpy_mean_and_cov():
 # ----------------------------------------------------------------------------------------- weights
 
 
-@pytest.fixture(scope="module")
-def random_store(tmp_path_factory):
-    """A weight store holding RANDOM VGG16/AlexNet/InceptionV3 weights (plumbing only)."""
-    store = tmp_path_factory.mktemp("random-weights")
-    write_random_backbone(store, "lpips-vgg")
-    write_random_backbone(store, "lpips-alex")
-    write_random_inception(store)
-    return store
-
-
 def test_missing_weights_make_metrics_unavailable_not_fatal(tmp_path, monkeypatch):
     monkeypatch.setenv("VAEFT_WEIGHTS_DIR", str(tmp_path))
     metrics = PairMetrics(MetricOptions())
@@ -184,11 +173,11 @@ def test_missing_weights_make_metrics_unavailable_not_fatal(tmp_path, monkeypatc
 
 
 @pytest.mark.parametrize("net", ["vgg", "alex"])
-def test_lpips_backbone_loaded_from_store_matches_the_lpips_package(random_store, net):
+def test_lpips_backbone_loaded_from_store_matches_the_lpips_package(random_weights, net):
     ensure_torchvision()
     import lpips
 
-    path = random_store / f"torchvision/{'vgg16-397923af' if net == 'vgg' else 'alexnet-owt-7be5be79'}.pth"
+    path = random_weights / f"torchvision/{'vgg16-397923af' if net == 'vgg' else 'alexnet-owt-7be5be79'}.pth"
     state = torch.load(path, weights_only=True)
     ours = Perceptual(net, path)
     # Every backbone tensor came from the file (slice k holds torchvision features.{i}).
@@ -219,14 +208,14 @@ def test_feature_normalisation_is_finite_for_zero_features():
     assert torch.equal(out, torch.zeros_like(out)) and torch.isfinite(f.grad).all()
 
 
-def test_wrong_backbone_file_is_refused(random_store, tmp_path):
+def test_wrong_backbone_file_is_refused(random_weights, tmp_path):
     wrong = tmp_path / "vgg.pth"
-    torch.save(torch.load(random_store / "torchvision/alexnet-owt-7be5be79.pth", weights_only=True), wrong)
+    torch.save(torch.load(random_weights / "torchvision/alexnet-owt-7be5be79.pth", weights_only=True), wrong)
     with pytest.raises(BackboneWeightsError, match="not a torchvision vgg16"):
         Perceptual("vgg", wrong)
 
 
-def test_rfid_streaming_matches_torch_fidelity(random_store, tmp_path):
+def test_rfid_streaming_matches_torch_fidelity(random_weights, tmp_path):
     ensure_torchvision()
     from torch_fidelity.utils import create_feature_extractor, extract_featuresdict_from_input_id
 
@@ -239,7 +228,7 @@ def test_rfid_streaming_matches_torch_fidelity(random_store, tmp_path):
     for i, p in enumerate(photos):
         Image.fromarray(p).save(ref_dir / f"{i}.png")
         Image.fromarray(_blur(p, 1.5)).save(test_dir / f"{i}.png")
-    weights = random_store / "torch-fidelity/weights-inception-2015-12-05-6726825d.pth"
+    weights = random_weights / "torch-fidelity/weights-inception-2015-12-05-6726825d.pth"
     # torch-fidelity's own pipeline (folder loading, TF-style resize, extractor) is the oracle for
     # the features; the distance function is checked separately against closed forms and sqrtm
     # (its 2048x2048 eigendecomposition takes ~30 s on this CPU, so it is not repeated here).
@@ -253,7 +242,7 @@ def test_rfid_streaming_matches_torch_fidelity(random_store, tmp_path):
     expected = frechet_distance_low_rank(feats[1], feats[2])
     import os
 
-    os.environ["VAEFT_WEIGHTS_DIR"] = str(random_store)
+    os.environ["VAEFT_WEIGHTS_DIR"] = str(random_weights)
     try:
         result = folder_metrics(ref_dir, test_dir, MetricOptions(lpips_nets=(), psim=False), batch_size=3)
     finally:

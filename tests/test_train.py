@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -81,24 +82,40 @@ def _train_cmd(params: Path, init: Path, data: Path, out: Path, state: Path) -> 
 
 
 def test_resume_after_sigkill_is_bit_exact(tmp_path, curated, base_model):
-    params = _write_params(tmp_path / "params.yaml", steps=60, checkpoint_every=10, keep_checkpoints=2)
-    env = {**os.environ, "OMP_NUM_THREADS": "2"}
-    subprocess.run(_train_cmd(params, base_model, curated, tmp_path / "a", tmp_path / "sa"),
-                   check=True, env=env, capture_output=True, timeout=300)
+    """A run SIGKILLed mid-run (here just after its first checkpoint, with steps to go) and started
+    again ends with the same bytes as a run never killed.
 
+    The uninterrupted run and the one to kill start together: each is one process on one thread,
+    so on two cores their start-up (most of the cost: imports) overlaps. Identical environments,
+    so identical maths; the checkpoint pruning (keep 2) runs in the resumed part.
+    """
+    params = _write_params(tmp_path / "params.yaml", steps=24, checkpoint_every=4, keep_checkpoints=2)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.PIPE, "text": True}
+    reference = subprocess.Popen(_train_cmd(params, base_model, curated, tmp_path / "a", tmp_path / "sa"),
+                                 env=env, **quiet)
     cmd = _train_cmd(params, base_model, curated, tmp_path / "b", tmp_path / "sb")
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 240
-    while not list((tmp_path / "sb").glob("ema-b-*/step-*.pt")):
-        assert proc.poll() is None, "training ended before its first checkpoint"
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (tmp_path / "b").exists()
+    try:
+        deadline = time.monotonic() + 240
+        while not list((tmp_path / "sb").glob("ema-b-*/step-*.pt")):
+            assert proc.poll() is None, "training ended before its first checkpoint"
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert not (tmp_path / "b").exists(), "killed too late: the run had finished"
 
-    resumed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=True)
-    assert "resuming ema from step" in resumed.stderr
+        resumed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=True)
+        _, err = reference.communicate(timeout=300)
+        assert reference.returncode == 0, err[-3000:]
+    finally:
+        for p in (proc, reference):
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    resumed_from = re.search(r"resuming ema from step (\d+)", resumed.stderr)
+    assert resumed_from and 0 < int(resumed_from.group(1)) < 24, resumed.stderr[-3000:]
     a, b = load_file(tmp_path / "a" / WEIGHTS), load_file(tmp_path / "b" / WEIGHTS)
     assert a.keys() == b.keys()
     for k in a:

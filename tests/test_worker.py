@@ -55,8 +55,11 @@ def test_worker_runs_the_local_evaluate_deployment(prefect_harness, tmp_path, cu
     worker_log = tmp_path / "worker.log"
     # Started alongside the deploy (both spend seconds importing); it polls every second. It runs
     # from elsewhere on purpose: the pull step must take the flow run to the checkout.
+    # Its own temp dir: Prefect's runner keeps flow-run code under <temp>/runner_storage/ and
+    # removes only the run's subdirectory, never runner_storage itself.
+    (tmp_path / "worker-tmp").mkdir()
     worker_env = server.cli_env(tmp_path / "worker-home", VAEFT_REPO=str(REPO_ROOT), PYTHONPATH=str(REPO_ROOT),
-                                PREFECT_WORKER_QUERY_SECONDS="1")
+                                PREFECT_WORKER_QUERY_SECONDS="1", TMPDIR=str(tmp_path / "worker-tmp"))
     with open(worker_log, "wb") as log:
         worker = subprocess.Popen(_prefect("worker", "start", "--pool", POOL, "--name", "vaeft-test-worker"),
                                   cwd=tmp_path, env=worker_env, stdout=log, stderr=subprocess.STDOUT,

@@ -193,6 +193,9 @@ def run_torchrun(cmd: Sequence[str], env: Mapping[str, str] | None = None) -> La
         # The ranks must not write the launcher's status file: only the folded status goes there.
         child_env.pop(STATUS_FILE_ENV, None)
         child_env[RANK_STATUS_DIR_ENV] = tmp
+        # torchrun otherwise makes a torchelastic_* directory in the temp dir for every job and
+        # never removes it; its files are only read while the job runs.
+        child_env.setdefault("PET_LOG_DIR", str(Path(tmp) / "torchrun"))
         code = _run_forwarding_sigterm(list(cmd), child_env)
         return worst_status(_read_statuses(Path(tmp)), code)
 
