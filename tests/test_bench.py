@@ -165,7 +165,13 @@ def test_train_step_is_the_engine_step(tmp_path, curated):
         assert all(torch.equal(mine[k], engine_weights[k]) for k in mine)
     else:
         assert losses == pytest.approx(engine_losses, rel=1e-4)
-    assert losses == pytest.approx(GOLDEN_LOSSES, rel=1e-3)
+    # Golden values pin the maths. Step 0 (no update yet) agrees across CPUs to float rounding
+    # (6e-8 relative, Intel vs AMD EPYC); Adam then amplifies last-bit differences of the CPU's
+    # conv kernels (oneDNN dispatches per instruction set), to 0.6% by step 3 on an AMD EPYC
+    # against these Intel-made numbers. A real change to the loss or the step moves step 0 or
+    # shifts every step by far more than that.
+    assert losses[0] == pytest.approx(GOLDEN_LOSSES[0], rel=1e-5)
+    assert losses == pytest.approx(GOLDEN_LOSSES, rel=2e-2)
 
 
 @pytest.mark.parametrize("adaptive", [True, False])
