@@ -166,9 +166,9 @@ def test_train_step_is_the_engine_step(tmp_path, curated):
     else:
         assert losses == pytest.approx(engine_losses, rel=1e-4)
     # Golden values pin the maths. Step 0 (no update yet) agrees across CPUs to float rounding
-    # (6e-8 relative, Intel vs AMD EPYC); Adam then amplifies last-bit differences of the CPU's
+    # (6e-8 relative between the machine that made them and an AMD EPYC); Adam then amplifies last-bit differences of the CPU's
     # conv kernels (oneDNN dispatches per instruction set), to 0.6% by step 3 on an AMD EPYC
-    # against these Intel-made numbers. A real change to the loss or the step moves step 0 or
+    # against these numbers. A real change to the loss or the step moves step 0 or
     # shifts every step by far more than that.
     assert losses[0] == pytest.approx(GOLDEN_LOSSES[0], rel=1e-5)
     assert losses == pytest.approx(GOLDEN_LOSSES, rel=2e-2)
