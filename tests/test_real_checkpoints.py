@@ -23,7 +23,7 @@ from vaeft.cli import app, main
 from vaeft.config import ArchitectureParams
 from vaeft.losses.discriminator import NLayerDiscriminator
 from vaeft.model.build import build_autoencoder
-from vaeft.model.io import UnsafePickleError, load_autoencoder
+from vaeft.model.io import ModelLoadError, UnsafePickleError, load_autoencoder
 from vaeft.model.ldm import diffusers_to_ldm
 
 
@@ -216,3 +216,35 @@ def test_real_ckpt_through_convert_init_and_model_base(tmp_path, curated):
     # The encoder is frozen in ft-EMA: it is exactly the SD file's.
     enc = {k: v for k, v in trained.state_dict().items() if k.startswith("encoder.")}
     assert enc and all(torch.equal(v, vae.state_dict()[k]) for k, v in enc.items())
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".ckpt"])
+def test_ldm_export_records_group_count(tmp_path, suffix):
+    from vaeft.model.io import save_diffusers, save_ldm
+
+    vae = tiny_vae()  # 8 groups, not the default 32
+    save_diffusers(vae, tmp_path / "d")
+    r = CliRunner().invoke(app, ["convert", str(tmp_path / "d"), str(tmp_path / f"v{suffix}"), "--to", "ldm"])
+    assert r.exit_code == 0, r.output
+    if suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(tmp_path / "v.safetensors"), framework="pt") as f:
+            assert f.metadata()["norm_num_groups"] == "8"
+    # Back without the flag: the file's own count, so the model reconstructs exactly as before.
+    r = CliRunner().invoke(app, ["convert", str(tmp_path / f"v{suffix}"), str(tmp_path / "back"), "--to", "diffusers"])
+    assert r.exit_code == 0, r.output
+    back = load_autoencoder(tmp_path / "back")
+    assert back.config.norm_num_groups == 8
+    same_weights(back, vae)
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        assert torch.equal(back(x).sample, vae(x).sample)
+    # The flag still overrides what the file records.
+    assert load_autoencoder(tmp_path / f"v{suffix}", norm_num_groups=4).config.norm_num_groups == 4
+    # A bare state dict has no config: its count is given, or nothing is recorded.
+    save_ldm(vae.state_dict(), tmp_path / f"bare{suffix}")
+    with pytest.raises(ModelLoadError, match=r"num_groups \(32\)"):  # the default, 32, does not fit 16 channels
+        load_autoencoder(tmp_path / f"bare{suffix}")
+    save_ldm(vae.state_dict(), tmp_path / f"given{suffix}", norm_num_groups=8)
+    assert load_autoencoder(tmp_path / f"given{suffix}").config.norm_num_groups == 8

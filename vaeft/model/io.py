@@ -28,12 +28,14 @@ from vaeft.model.build import autoencoder_class, diffusers_config
 from vaeft.model.infer import infer_config
 from vaeft.model.ldm import diffusers_to_ldm, is_ldm_layout, ldm_key_map, ldm_to_diffusers
 from vaeft.model.state_files import (
+    GROUPS_KEY,
     PICKLE_SUFFIXES,
     SAFETENSORS_SUFFIXES,
     ModelLoadError,
     UnsafePickleError,
     extract_vae_state,
     read_tensors,
+    recorded_groups,
 )
 
 if TYPE_CHECKING:
@@ -59,6 +61,7 @@ class LoadedState:
     layout: str  # "diffusers" or "ldm": the layout of the file read
     config: dict | None  # from config.json (diffusers folders only)
     original_keys: dict[str, str]  # diffusers key -> key as named in the file
+    norm_num_groups: int | None = None  # as recorded in an LDM file vaeft wrote
 
 
 def is_diffusers_folder(path: str | Path) -> bool:
@@ -97,10 +100,12 @@ def load_state(path: str | Path, ema: bool = False) -> LoadedState:
         weights = _single_weight_file(path)
     else:
         weights = path
-    raw = extract_vae_state(read_tensors(weights), ema=ema, source=str(weights))
+    content = read_tensors(weights)
+    raw = extract_vae_state(content, ema=ema, source=str(weights))
     if is_ldm_layout(raw):
         keys = ldm_key_map(raw)
-        return LoadedState(ldm_to_diffusers(raw), weights, "ldm", config, {v: k for k, v in keys.items()})
+        return LoadedState(ldm_to_diffusers(raw), weights, "ldm", config, {v: k for k, v in keys.items()},
+                           recorded_groups(weights, content))
     return LoadedState(raw, weights, "diffusers", config, {k: k for k in raw})
 
 
@@ -109,7 +114,8 @@ def resolve_config(config: ConfigLike | None, loaded: LoadedState, norm_num_grou
     if loaded.config is not None and config is None:
         return loaded.config
     if config is None:
-        return infer_config(loaded.state, str(loaded.source), norm_num_groups=norm_num_groups)
+        groups = norm_num_groups if norm_num_groups is not None else loaded.norm_num_groups
+        return infer_config(loaded.state, str(loaded.source), norm_num_groups=groups)
     if isinstance(config, ArchitectureParams):
         return diffusers_config(config)
     if isinstance(config, (str, Path)):
@@ -155,7 +161,8 @@ def load_autoencoder(
 
     ``config`` (a diffusers config dict, typed architecture, or a folder/``config.json``) overrides
     the one a diffusers folder carries or that shapes imply. Shapes cannot tell the GroupNorm group
-    count: pass ``norm_num_groups`` (default 32, the SD VAEs') or a full ``config`` for other models.
+    count: an LDM file vaeft wrote records it; otherwise pass ``norm_num_groups`` (default 32, the
+    SD VAEs') or a full ``config``. ``norm_num_groups`` overrides what a file records.
     ``ema`` takes a full training checkpoint's ``model_ema.*`` weights.
     """
     loaded = load_state(path, ema=ema)
@@ -194,18 +201,27 @@ def save_diffusers(vae: AutoencoderKL, out_dir: str | Path, *, force: bool = Fal
     return out_dir
 
 
-def save_ldm(vae: AutoencoderKL | Mapping[str, torch.Tensor], path: str | Path) -> Path:
-    """Write the LDM layout: ``.safetensors`` (preferred) or a Lightning-style ``.ckpt`` ``{"state_dict": ...}``."""
+def save_ldm(vae: AutoencoderKL | Mapping[str, torch.Tensor], path: str | Path,
+             norm_num_groups: int | None = None) -> Path:
+    """Write the LDM layout: ``.safetensors`` (preferred) or a Lightning-style ``.ckpt`` ``{"state_dict": ...}``.
+
+    The GroupNorm group count (the model's, or ``norm_num_groups`` for a bare state dict) is
+    recorded beside the tensors (safetensors metadata / a top-level ``.ckpt`` entry): converting
+    the file back needs it and the shapes do not hold it.
+    """
     path = Path(path)
     state = vae if isinstance(vae, Mapping) else vae.state_dict()
+    if norm_num_groups is None and not isinstance(vae, Mapping):
+        norm_num_groups = int(vae.config.norm_num_groups)
+    extra = {GROUPS_KEY: str(norm_num_groups)} if norm_num_groups is not None else {}
     ldm = {k: v.detach().contiguous() for k, v in diffusers_to_ldm(state).items()}
     with atomic.atomic_path(path) as tmp:
         if path.suffix == ".safetensors":
             from safetensors.torch import save_file
 
-            save_file(ldm, str(tmp), metadata={"format": "pt"})
+            save_file(ldm, str(tmp), metadata={"format": "pt", **extra})
         elif path.suffix == ".ckpt":
-            torch.save({"state_dict": ldm}, tmp)
+            torch.save({"state_dict": ldm, **({GROUPS_KEY: norm_num_groups} if extra else {})}, tmp)
         else:
             raise ModelLoadError(f"{path}: an LDM file must end in .safetensors or .ckpt")
     return path

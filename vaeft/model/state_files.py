@@ -134,6 +134,32 @@ def read_tensors(path: str | Path) -> dict:
     return dict(obj)
 
 
+# The GroupNorm group count of an LDM file vaeft wrote: shapes cannot tell it, so the file does.
+GROUPS_KEY = "norm_num_groups"
+
+
+def recorded_groups(path: str | Path, raw: Mapping) -> int | None:
+    """The group count a file records (safetensors metadata, or a top-level entry of a .ckpt)."""
+    path = Path(path)
+    value = None
+    if path.suffix in SAFETENSORS_SUFFIXES:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            value = (f.metadata() or {}).get(GROUPS_KEY)
+    elif isinstance(raw.get(GROUPS_KEY), (int, str)):
+        value = raw[GROUPS_KEY]
+    if value is None:
+        return None
+    try:
+        groups = int(value)
+    except ValueError:
+        groups = 0
+    if groups <= 0:
+        raise ModelLoadError(f"{path}: recorded {GROUPS_KEY} {value!r} is not a positive integer")
+    return groups
+
+
 def _unwrap(raw: Mapping) -> dict:
     # Lightning checkpoints keep the weights under "state_dict" (sometimes nested).
     while "state_dict" in raw and isinstance(raw["state_dict"], Mapping):
