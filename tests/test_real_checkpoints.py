@@ -248,3 +248,78 @@ def test_ldm_export_records_group_count(tmp_path, suffix):
         load_autoencoder(tmp_path / f"bare{suffix}")
     save_ldm(vae.state_dict(), tmp_path / f"given{suffix}", norm_num_groups=8)
     assert load_autoencoder(tmp_path / f"given{suffix}").config.norm_num_groups == 8
+
+
+def _gan_raw(init: str, **phase) -> dict:
+    raw = tiny_params_dict()
+    for name in ("ema", "mse"):
+        raw["train"][name].update(steps=1, batch_size=2, checkpoint_every=1, log_every=1, num_workers=0,
+                                  gan={"kind": "patchgan", "ndf": 8, "n_layers": 2, "init": init}, **phase)
+    return raw
+
+
+def _adam_steps(path) -> set[float]:
+    adam = torch.load(path, weights_only=True)
+    return {float(s["step"]) for s in adam["state"].values()}
+
+
+def test_discriminator_from_base_and_carried_from_ema_to_mse(tmp_path, curated):
+    from safetensors.torch import load_file
+
+    from vaeft.config import parse_params
+    from vaeft.train.engine import prepare_base, train_phase
+    from vaeft.train.gan import DISC_ADAM_FILE, DISC_FILE
+
+    disc = tiny_disc()
+    save_real(lightning_ldm_ckpt(tiny_vae(), disc), tmp_path / "model.ckpt")
+    raw = _gan_raw("from-base")
+    raw["model"]["base"] = str(tmp_path / "model.ckpt")
+    raw["train"]["mse"]["lr"] = 2e-4
+    params = parse_params(raw)
+    # Importing the base keeps its discriminator beside it.
+    prepare_base(params, curated, tmp_path / "base")
+    base_d = load_file(tmp_path / "base" / DISC_FILE)
+    assert base_d.keys() == disc.state_dict().keys()
+    assert all(torch.equal(base_d[k], v) for k, v in disc.state_dict().items())
+    train_phase("ema", params, curated, tmp_path / "ema", init=tmp_path / "base", state_root=tmp_path / "state")
+    ema_d = load_file(tmp_path / "ema" / DISC_FILE)
+    lr = params.train.ema.lr
+    # One Adam step from the base's D: every weight within ~lr of it (a fresh D is N(0, 0.02) away).
+    drift = max(float((ema_d[k].float() - v.float()).abs().max()) for k, v in base_d.items() if k.endswith("weight"))
+    assert 0 < drift <= 2 * lr
+    assert _adam_steps(tmp_path / "ema" / DISC_ADAM_FILE) == {1.0}
+    # ft-MSE from ft-EMA continues D's Adam where ft-EMA left it, as a resumed run would
+    # (gan.init: fresh would leave it at 1: a new Adam), with ft-MSE's own learning rate.
+    train_phase("mse", params, curated, tmp_path / "mse", init=tmp_path / "ema", state_root=tmp_path / "state")
+    assert _adam_steps(tmp_path / "mse" / DISC_ADAM_FILE) == {2.0}
+    adam = torch.load(tmp_path / "mse" / DISC_ADAM_FILE, weights_only=True)
+    assert adam["param_groups"][0]["lr"] == params.train.mse.lr
+
+
+def test_discriminator_from_base_errors(tmp_path):
+    from vaeft.config import GanParams
+    from vaeft.errors import VaeftError
+    from vaeft.model.io import save_diffusers
+    from vaeft.train.gan import GanTrainer
+
+    def trainer(**gan):
+        return GanTrainer(GanParams(ndf=8, n_layers=2, init="from-base", **gan), 1e-4, (0.5, 0.9),
+                          torch.device("cpu"), 0)
+
+    save_real(lightning_ldm_ckpt(tiny_vae(), tiny_disc()), tmp_path / "model.ckpt")
+    save_real(lightning_ldm_ckpt(tiny_vae()), tmp_path / "no-disc.ckpt")
+    t = trainer()
+    assert t.load_base(tmp_path / "model.ckpt") == str(tmp_path / "model.ckpt")
+    assert all(torch.equal(t.disc.state_dict()[k], v) for k, v in tiny_disc().state_dict().items())
+    save_diffusers(tiny_vae(), tmp_path / "model")  # a model folder no GAN phase wrote
+    for path in (tmp_path / "model", tmp_path / "no-disc.ckpt"):
+        with pytest.raises(VaeftError, match=r"holds no discriminator .*gan.init: fresh"):
+            trainer().load_base(path)
+    with pytest.raises(VaeftError, match="no base model"):
+        trainer().load_base(None)
+    # Strict: a D of another shape (or another kind) is an error naming what differs.
+    with pytest.raises(VaeftError, match=r"does not fit gan \(kind patchgan, ndf 16.*size mismatch for main.0.weight"):
+        GanTrainer(GanParams(ndf=16, n_layers=2, init="from-base"), 1e-4, (0.5, 0.9), torch.device("cpu"),
+                   0).load_base(tmp_path / "model.ckpt")
+    with pytest.raises(VaeftError, match=r"kind wgan-gp.*running_mean"):
+        trainer(kind="wgan-gp").load_base(tmp_path / "model.ckpt")

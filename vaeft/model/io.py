@@ -15,7 +15,7 @@ error that names it, never a silent partial load.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DIFFUSERS_CONFIG", "DIFFUSERS_WEIGHTS", "LoadedState", "ModelLoadError", "UnsafePickleError",
-    "is_diffusers_folder", "load_autoencoder", "load_with_architecture", "load_state", "load_state_strict", "save_diffusers", "save_ldm",
+    "is_diffusers_folder", "load_autoencoder", "weight_file", "load_with_architecture", "load_state", "load_state_strict", "save_diffusers", "save_ldm",
 ]
 
 DIFFUSERS_CONFIG = "config.json"
@@ -87,19 +87,21 @@ def _single_weight_file(folder: Path) -> Path:
     return files[0]
 
 
-def load_state(path: str | Path, ema: bool = False) -> LoadedState:
-    """The tensors of any supported source, converted to the diffusers layout."""
+def weight_file(path: str | Path) -> Path:
+    """The file holding a source's tensors: a diffusers folder's weights, a folder's one file, or the file."""
     path = Path(path)
     if not path.exists():
         raise ModelLoadError(f"{path}: no such file or folder")
-    config = None
     if path.is_dir() and is_diffusers_folder(path):
-        config = _read_json(path / DIFFUSERS_CONFIG)
-        weights = next(path / w for w in DIFFUSERS_WEIGHTS if (path / w).is_file())
-    elif path.is_dir():
-        weights = _single_weight_file(path)
-    else:
-        weights = path
+        return next(path / w for w in DIFFUSERS_WEIGHTS if (path / w).is_file())
+    return _single_weight_file(path) if path.is_dir() else path
+
+
+def load_state(path: str | Path, ema: bool = False) -> LoadedState:
+    """The tensors of any supported source, converted to the diffusers layout."""
+    path = Path(path)
+    weights = weight_file(path)
+    config = _read_json(path / DIFFUSERS_CONFIG) if path.is_dir() and is_diffusers_folder(path) else None
     content = read_tensors(weights)
     raw = extract_vae_state(content, ema=ema, source=str(weights))
     if is_ldm_layout(raw):
@@ -188,15 +190,19 @@ def load_with_architecture(path: str | Path, arch: ArchitectureParams) -> Autoen
     return load_autoencoder(path, config=None if is_diffusers_folder(path) else arch)
 
 
-def save_diffusers(vae: AutoencoderKL, out_dir: str | Path, *, force: bool = False, marked: bool = True) -> Path:
+def save_diffusers(vae: AutoencoderKL, out_dir: str | Path, *, force: bool = False, marked: bool = True,
+                   extra: Callable[[Path], None] | None = None) -> Path:
     """Write ``config.json`` + ``diffusion_pytorch_model.safetensors`` atomically into ``out_dir``.
 
     ``out_dir`` is replaced only when it is a model folder vaeft wrote (or empty), or with ``force``.
     ``marked=False`` leaves out the output marker, for a model folder inside a larger output.
+    ``extra(folder)`` writes more files into the folder before it takes ``out_dir``'s place.
     """
     out_dir = Path(out_dir)
     with atomic.atomic_dir(out_dir, "model" if marked else None, force=force) as tmp:
         vae.save_pretrained(tmp, safe_serialization=True)
+        if extra is not None:
+            extra(Path(tmp))
         atomic.apply_umask_tree(tmp)  # safetensors writes its file owner-only
     return out_dir
 

@@ -167,6 +167,12 @@ def _unwrap(raw: Mapping) -> dict:
     return {k: v for k, v in raw.items() if isinstance(v, torch.Tensor)}
 
 
+def extract_discriminator_state(raw: Mapping) -> dict[str, torch.Tensor]:
+    """A full LDM training checkpoint's discriminator (``loss.discriminator.*``, prefix removed); {} if none."""
+    state = _unwrap(raw)
+    return {k[len(DISC_PREFIX):]: v for k, v in state.items() if k.startswith(DISC_PREFIX)}
+
+
 def _ema_key(key: str) -> str:
     # LitEma registers one buffer per parameter, named with the dots removed.
     return EMA_PREFIX + key.replace(".", "")

@@ -36,6 +36,7 @@ from vaeft.train import determinism
 from vaeft.train import distributed as dist_
 from vaeft.train.checkpoint import CheckpointStore, fingerprint
 from vaeft.train.determinism import deterministic_mode
+from vaeft.train.gan import DiscriminatorInitError, base_discriminator, write_discriminator
 from vaeft.train.logs import (
     PERF_COLUMNS,
     ReconstructionGrids,
@@ -146,6 +147,10 @@ def _train(phase: str, params: Params, cfg: TrainPhaseParams, ctx: dist_.DistCon
         init_digest = tree_sha256(init)
     runner = TrainStep(cfg, vae, loss_fn, device, params.seed, ctx)
     opt, gan, scaler, ema, noise, named = runner.opt, runner.gan, runner.scaler, runner.ema, runner.noise, runner.named
+    if gan is not None and cfg.gan.init == "from-base":
+        source = gan.load_base(init)  # a checkpoint restored below supersedes it
+        if main:
+            console.print(f"discriminator from {source}")
 
     store = CheckpointStore(
         state_root / phase,
@@ -242,7 +247,8 @@ def _train(phase: str, params: Params, cfg: TrainPhaseParams, ctx: dist_.DistCon
     seconds = time.perf_counter() - t0
     if main:
         vae.eval()
-        save_diffusers(vae.to("cpu"), out_dir, force=force)
+        # D rides along in the model folder, so a later phase can start from it (gan.init: from-base).
+        save_diffusers(vae.to("cpu"), out_dir, force=force, extra=gan.save_files if gan is not None else None)
         provenance.write_run_info(
             out_dir, f"train-{phase}", {f"train.{phase}": cfg, "augment": params.augment, "model": params.model},
             init=str(init) if init is not None else None, seed=params.seed, steps=cfg.steps,
@@ -304,7 +310,14 @@ def prepare_base(
     banner("pretrain", f"model.base is set: importing {params.model.base} (no pretraining)")
     t0 = time.perf_counter()
     vae = load_with_architecture(params.model.base, params.model.architecture)
-    save_diffusers(vae, out_dir, force=force)
+    # The base's discriminator (an LDM training checkpoint's, or a GAN phase's) is kept beside it,
+    # for gan.init: from-base. This reads the base a second time: a one-off import.
+    try:
+        disc, adam, _ = base_discriminator(params.model.base)
+    except DiscriminatorInitError:
+        disc = adam = None
+    save_diffusers(vae, out_dir, force=force,
+                   extra=(lambda d: write_discriminator(d, disc, adam)) if disc is not None else None)
     provenance.write_run_info(out_dir, "pretrain", {"model": params.model}, imported_from=params.model.base)
     provenance.record_run(out_dir, "pretrain")
     if log_file is not None:
