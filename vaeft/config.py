@@ -236,6 +236,10 @@ class GanParams(_Strict):
     lr: PositiveFloat | None = None
     betas: tuple[float, float] | None = None
     gp_weight: NonNegativeFloat = 10.0  # wgan-gp only
+    # Where D starts. "fresh": N(0, 0.02) as taming. "from-base": D (and its Adam moments, where
+    # kept) from --init: a phase output's discriminator.safetensors, or an LDM training
+    # checkpoint's loss.discriminator.*; loaded strictly, an error when the base has none.
+    init: Literal["fresh", "from-base"] = "fresh"
 
     @property
     def norm(self) -> Literal["batch", "layer"]:

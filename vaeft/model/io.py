@@ -15,7 +15,7 @@ error that names it, never a silent partial load.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,12 +28,14 @@ from vaeft.model.build import autoencoder_class, diffusers_config
 from vaeft.model.infer import infer_config
 from vaeft.model.ldm import diffusers_to_ldm, is_ldm_layout, ldm_key_map, ldm_to_diffusers
 from vaeft.model.state_files import (
+    GROUPS_KEY,
     PICKLE_SUFFIXES,
     SAFETENSORS_SUFFIXES,
     ModelLoadError,
     UnsafePickleError,
     extract_vae_state,
     read_tensors,
+    recorded_groups,
 )
 
 if TYPE_CHECKING:
@@ -41,7 +43,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DIFFUSERS_CONFIG", "DIFFUSERS_WEIGHTS", "LoadedState", "ModelLoadError", "UnsafePickleError",
-    "is_diffusers_folder", "load_autoencoder", "load_with_architecture", "load_state", "load_state_strict", "save_diffusers", "save_ldm",
+    "is_diffusers_folder", "load_autoencoder", "weight_file", "load_with_architecture", "load_state", "load_state_strict", "save_diffusers", "save_ldm",
 ]
 
 DIFFUSERS_CONFIG = "config.json"
@@ -59,6 +61,7 @@ class LoadedState:
     layout: str  # "diffusers" or "ldm": the layout of the file read
     config: dict | None  # from config.json (diffusers folders only)
     original_keys: dict[str, str]  # diffusers key -> key as named in the file
+    norm_num_groups: int | None = None  # as recorded in an LDM file vaeft wrote
 
 
 def is_diffusers_folder(path: str | Path) -> bool:
@@ -84,23 +87,27 @@ def _single_weight_file(folder: Path) -> Path:
     return files[0]
 
 
-def load_state(path: str | Path, ema: bool = False) -> LoadedState:
-    """The tensors of any supported source, converted to the diffusers layout."""
+def weight_file(path: str | Path) -> Path:
+    """The file holding a source's tensors: a diffusers folder's weights, a folder's one file, or the file."""
     path = Path(path)
     if not path.exists():
         raise ModelLoadError(f"{path}: no such file or folder")
-    config = None
     if path.is_dir() and is_diffusers_folder(path):
-        config = _read_json(path / DIFFUSERS_CONFIG)
-        weights = next(path / w for w in DIFFUSERS_WEIGHTS if (path / w).is_file())
-    elif path.is_dir():
-        weights = _single_weight_file(path)
-    else:
-        weights = path
-    raw = extract_vae_state(read_tensors(weights), ema=ema, source=str(weights))
+        return next(path / w for w in DIFFUSERS_WEIGHTS if (path / w).is_file())
+    return _single_weight_file(path) if path.is_dir() else path
+
+
+def load_state(path: str | Path, ema: bool = False) -> LoadedState:
+    """The tensors of any supported source, converted to the diffusers layout."""
+    path = Path(path)
+    weights = weight_file(path)
+    config = _read_json(path / DIFFUSERS_CONFIG) if path.is_dir() and is_diffusers_folder(path) else None
+    content = read_tensors(weights)
+    raw = extract_vae_state(content, ema=ema, source=str(weights))
     if is_ldm_layout(raw):
         keys = ldm_key_map(raw)
-        return LoadedState(ldm_to_diffusers(raw), weights, "ldm", config, {v: k for k, v in keys.items()})
+        return LoadedState(ldm_to_diffusers(raw), weights, "ldm", config, {v: k for k, v in keys.items()},
+                           recorded_groups(weights, content))
     return LoadedState(raw, weights, "diffusers", config, {k: k for k in raw})
 
 
@@ -109,7 +116,8 @@ def resolve_config(config: ConfigLike | None, loaded: LoadedState, norm_num_grou
     if loaded.config is not None and config is None:
         return loaded.config
     if config is None:
-        return infer_config(loaded.state, str(loaded.source), norm_num_groups=norm_num_groups)
+        groups = norm_num_groups if norm_num_groups is not None else loaded.norm_num_groups
+        return infer_config(loaded.state, str(loaded.source), norm_num_groups=groups)
     if isinstance(config, ArchitectureParams):
         return diffusers_config(config)
     if isinstance(config, (str, Path)):
@@ -155,7 +163,8 @@ def load_autoencoder(
 
     ``config`` (a diffusers config dict, typed architecture, or a folder/``config.json``) overrides
     the one a diffusers folder carries or that shapes imply. Shapes cannot tell the GroupNorm group
-    count: pass ``norm_num_groups`` (default 32, the SD VAEs') or a full ``config`` for other models.
+    count: an LDM file vaeft wrote records it; otherwise pass ``norm_num_groups`` (default 32, the
+    SD VAEs') or a full ``config``. ``norm_num_groups`` overrides what a file records.
     ``ema`` takes a full training checkpoint's ``model_ema.*`` weights.
     """
     loaded = load_state(path, ema=ema)
@@ -181,31 +190,44 @@ def load_with_architecture(path: str | Path, arch: ArchitectureParams) -> Autoen
     return load_autoencoder(path, config=None if is_diffusers_folder(path) else arch)
 
 
-def save_diffusers(vae: AutoencoderKL, out_dir: str | Path, *, force: bool = False, marked: bool = True) -> Path:
+def save_diffusers(vae: AutoencoderKL, out_dir: str | Path, *, force: bool = False, marked: bool = True,
+                   extra: Callable[[Path], None] | None = None) -> Path:
     """Write ``config.json`` + ``diffusion_pytorch_model.safetensors`` atomically into ``out_dir``.
 
     ``out_dir`` is replaced only when it is a model folder vaeft wrote (or empty), or with ``force``.
     ``marked=False`` leaves out the output marker, for a model folder inside a larger output.
+    ``extra(folder)`` writes more files into the folder before it takes ``out_dir``'s place.
     """
     out_dir = Path(out_dir)
     with atomic.atomic_dir(out_dir, "model" if marked else None, force=force) as tmp:
         vae.save_pretrained(tmp, safe_serialization=True)
+        if extra is not None:
+            extra(Path(tmp))
         atomic.apply_umask_tree(tmp)  # safetensors writes its file owner-only
     return out_dir
 
 
-def save_ldm(vae: AutoencoderKL | Mapping[str, torch.Tensor], path: str | Path) -> Path:
-    """Write the LDM layout: ``.safetensors`` (preferred) or a Lightning-style ``.ckpt`` ``{"state_dict": ...}``."""
+def save_ldm(vae: AutoencoderKL | Mapping[str, torch.Tensor], path: str | Path,
+             norm_num_groups: int | None = None) -> Path:
+    """Write the LDM layout: ``.safetensors`` (preferred) or a Lightning-style ``.ckpt`` ``{"state_dict": ...}``.
+
+    The GroupNorm group count (the model's, or ``norm_num_groups`` for a bare state dict) is
+    recorded beside the tensors (safetensors metadata / a top-level ``.ckpt`` entry): converting
+    the file back needs it and the shapes do not hold it.
+    """
     path = Path(path)
     state = vae if isinstance(vae, Mapping) else vae.state_dict()
+    if norm_num_groups is None and not isinstance(vae, Mapping):
+        norm_num_groups = int(vae.config.norm_num_groups)
+    extra = {GROUPS_KEY: str(norm_num_groups)} if norm_num_groups is not None else {}
     ldm = {k: v.detach().contiguous() for k, v in diffusers_to_ldm(state).items()}
     with atomic.atomic_path(path) as tmp:
         if path.suffix == ".safetensors":
             from safetensors.torch import save_file
 
-            save_file(ldm, str(tmp), metadata={"format": "pt"})
+            save_file(ldm, str(tmp), metadata={"format": "pt", **extra})
         elif path.suffix == ".ckpt":
-            torch.save({"state_dict": ldm}, tmp)
+            torch.save({"state_dict": ldm, **({GROUPS_KEY: norm_num_groups} if extra else {})}, tmp)
         else:
             raise ModelLoadError(f"{path}: an LDM file must end in .safetensors or .ckpt")
     return path

@@ -37,6 +37,7 @@ from vaeft.train import determinism
 from vaeft.train import distributed as dist_
 from vaeft.train.checkpoint import CheckpointStore, StateError, StateLock, run_config, state_dir
 from vaeft.train.determinism import deterministic_mode
+from vaeft.train.gan import DiscriminatorInitError, base_discriminator, write_discriminator
 from vaeft.train.logs import (
     PERF_COLUMNS,
     ReconstructionGrids,
@@ -169,7 +170,11 @@ def _train(phase: str, params: Params, cfg: TrainPhaseParams, ctx: dist_.DistCon
         vae = load_with_architecture(init, params.model.architecture)
         init_digest = tree_sha256(init)
     runner = TrainStep(cfg, vae, loss_fn, device, params.seed, ctx)
-    ema, noise, named = runner.ema, runner.noise, runner.named
+    ema, noise, named, gan = runner.ema, runner.noise, runner.named, runner.gan
+    if gan is not None and cfg.gan.init == "from-base":
+        source = gan.load_base(init)  # a checkpoint restored below supersedes it
+        if main:
+            console.print(f"discriminator from {source}")
 
     store = CheckpointStore(
         state,
@@ -270,7 +275,8 @@ def _train(phase: str, params: Params, cfg: TrainPhaseParams, ctx: dist_.DistCon
     seconds = time.perf_counter() - t0
     if main:
         vae.eval()
-        save_diffusers(vae.to("cpu"), out_dir, force=force)
+        # D rides along in the model folder, so a later phase can start from it (gan.init: from-base).
+        save_diffusers(vae.to("cpu"), out_dir, force=force, extra=gan.save_files if gan is not None else None)
         provenance.write_run_info(
             out_dir, f"train-{phase}", {f"train.{phase}": cfg, "augment": params.augment, "model": params.model},
             init=str(init) if init is not None else None, seed=params.seed, steps=cfg.steps,
@@ -325,7 +331,14 @@ def prepare_base(
     banner("pretrain", f"model.base is set: importing {params.model.base} (no pretraining)")
     t0 = time.perf_counter()
     vae = load_with_architecture(params.model.base, params.model.architecture)
-    save_diffusers(vae, out_dir, force=force)
+    # The base's discriminator (an LDM training checkpoint's, or a GAN phase's) is kept beside it,
+    # for gan.init: from-base. This reads the base a second time: a one-off import.
+    try:
+        disc, adam, _ = base_discriminator(params.model.base)
+    except DiscriminatorInitError:
+        disc = adam = None
+    save_diffusers(vae, out_dir, force=force,
+                   extra=(lambda d: write_discriminator(d, disc, adam)) if disc is not None else None)
     provenance.write_run_info(out_dir, "pretrain", {"model": params.model}, imported_from=params.model.base)
     provenance.record_run(out_dir, "pretrain")
     if log_file is not None:

@@ -7,13 +7,24 @@ takes its own step on (x, x̂.detach()) from the same forward pass (LDM recomput
 updated G for its D step; reusing it saves a decoder forward and changes D's input by one
 generator step). Both terms are gated by ``disc_start``. While the generator term is computed,
 D's parameters do not require grad, so G's backward leaves D's gradients alone.
+
+D between phases: a phase with a GAN leaves D beside its model, in the output folder
+(``discriminator.safetensors``, weights and BatchNorm statistics; ``discriminator-adam.pt``, its
+Adam state). A later phase with ``gan.init: from-base`` whose ``--init`` is that folder starts from
+both, as a resumed run would (LDM's ft-MSE resumed ft-EMA's full checkpoint); an LDM training
+checkpoint as ``--init`` gives D from its ``loss.discriminator.*`` (Adam starts fresh: the
+released files keep D's moments in Lightning's ``optimizer_states``, whose order vaeft does not
+rely on).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from vaeft.config import GanParams
+from vaeft.errors import VaeftError
 from vaeft.losses.adversarial import (
     adaptive_weight,
     adaptive_weight_at_output,
@@ -24,6 +35,36 @@ from vaeft.losses.adversarial import (
     wgan_d_loss,
 )
 from vaeft.losses.discriminator import NLayerDiscriminator
+from vaeft.model.io import ModelLoadError, is_diffusers_folder, weight_file
+from vaeft.model.state_files import extract_discriminator_state, read_tensors
+
+DISC_FILE = "discriminator.safetensors"
+DISC_ADAM_FILE = "discriminator-adam.pt"
+
+
+class DiscriminatorInitError(VaeftError, ValueError):
+    pass
+
+
+def base_discriminator(init: str | Path | None) -> tuple[dict[str, torch.Tensor], dict | None, str]:
+    """D's tensors, its Adam state (or None) and where they came from, for ``gan.init: from-base``."""
+    if init is None:
+        raise DiscriminatorInitError("gan.init is from-base but the phase has no base model (--init)")
+    init = Path(init)
+    if init.is_dir() and (init / DISC_FILE).is_file():
+        state = read_tensors(init / DISC_FILE)
+        adam = None
+        if (init / DISC_ADAM_FILE).is_file():
+            adam = torch.load(init / DISC_ADAM_FILE, map_location="cpu", weights_only=True)
+        return state, adam, str(init / DISC_FILE)
+    source = weight_file(init) if not is_diffusers_folder(init) else None
+    state = extract_discriminator_state(read_tensors(source)) if source is not None else {}
+    if not state:
+        raise DiscriminatorInitError(
+            f"gan.init is from-base but {init} holds no discriminator (looked for {DISC_FILE} in a model "
+            f"folder a GAN phase wrote, and loss.discriminator.* in an LDM training checkpoint); "
+            f"set gan.init: fresh to start D from scratch")
+    return state, None, str(source)
 
 
 class GanTrainer:
@@ -95,6 +136,35 @@ class GanTrainer:
         logs["d_loss"] = loss.detach()
         return factor * loss, logs
 
+    def load_base(self, init: str | Path | None) -> str:
+        """Start D (and its Adam moments, where the base has them) from ``init``; returns the source.
+
+        D's weights load strictly. The optimizer keeps this phase's hyper-parameters (lr, betas):
+        only the moments and step counts carry over.
+        """
+        state, adam, source = base_discriminator(init)
+        try:
+            self.disc.load_state_dict(state, strict=True)
+        except RuntimeError as err:
+            detail = " ".join(str(err).split())
+            raise DiscriminatorInitError(
+                f"{source}: its discriminator does not fit gan (kind {self.cfg.kind}, ndf {self.cfg.ndf}, "
+                f"n_layers {self.cfg.n_layers}): {detail[:400]}") from err
+        if adam is not None:
+            hyper = [{k: v for k, v in g.items() if k != "params"} for g in self.opt.param_groups]
+            try:
+                self.opt.load_state_dict(adam)
+            except (ValueError, KeyError) as err:
+                raise ModelLoadError(f"{source}: {DISC_ADAM_FILE} does not fit the discriminator ({err})") from err
+            for group, h in zip(self.opt.param_groups, hyper, strict=True):
+                group.update(h)
+        return source
+
+    def save_files(self, folder: str | Path) -> None:
+        """D's weights and Adam state into ``folder`` (a phase's model output), for a later phase."""
+        write_discriminator(folder, self.disc.state_dict(), self.opt.state_dict(),
+                            {"kind": self.cfg.kind, "ndf": str(self.cfg.ndf), "n_layers": str(self.cfg.n_layers)})
+
     def state_dict(self) -> dict:
         return {"disc": self.disc.state_dict(), "opt": self.opt.state_dict(), "rng": self.rng.get_state()}
 
@@ -102,3 +172,23 @@ class GanTrainer:
         self.disc.load_state_dict(state["disc"])
         self.opt.load_state_dict(state["opt"])
         self.rng.set_state(state["rng"])
+
+
+def write_discriminator(folder: str | Path, state: dict, adam: dict | None = None,
+                        metadata: dict[str, str] | None = None) -> None:
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(folder / DISC_FILE), metadata=metadata)
+    if adam is not None:
+        torch.save(_to_cpu(adam), folder / DISC_ADAM_FILE)
+
+
+def _to_cpu(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
