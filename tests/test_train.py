@@ -55,17 +55,32 @@ def test_configure_trainable_modes(base_model):
 def test_ema_warmup_golden_values():
     p = torch.nn.Parameter(torch.zeros(3))
     ema = Ema({"w": p}, decay=0.9999)
+    # LitEma increments num_updates before computing its decay: the first decays are 2/11, 3/12, 4/13.
+    assert [round(d, 4) for d in _decays(Ema({"w": p}, decay=0.9999), p, 4)] == [0.1818, 0.25, 0.3077, 0.3571]
     expected = torch.zeros(3)
-    for n, value in enumerate([1.0, 2.0, 4.0]):
+    for value in [1.0, 2.0, 4.0]:
         with torch.no_grad():
             p.fill_(value)
-        d = min(0.9999, (1 + n) / (10 + n))  # LitEma's warm-up: 0.1, 0.1818..., 0.25
+        d = ema.current_decay()
         expected = expected - (1 - d) * (expected - value)
         ema.update({"w": p})
     assert torch.allclose(ema.shadow["w"], expected)
-    # By hand: 0.9*1 = 0.9; 0.9 + (9/11)*(2 - 0.9) = 1.8; 1.8 + 0.75*(4 - 1.8) = 3.45
-    assert ema.shadow["w"][0].item() == pytest.approx(3.45, abs=1e-6)
+    # By hand: (9/11)*1 = 0.818181...; + (3/4)*(2 - 0.818181) = 1.704545...; + (9/13)*(4 - 1.704545) = 3.293706...
+    assert ema.shadow["w"][0].item() == pytest.approx(3.2937063, abs=1e-6)
     assert ema.num_updates == 3
+    # The cap: decay never exceeds its setting once (1 + n) / (10 + n) passes it.
+    assert Ema({"w": p}, decay=0.5).current_decay() == pytest.approx(2 / 11)
+    late = Ema({"w": p}, decay=0.5)
+    late.num_updates = 100
+    assert late.current_decay() == 0.5
+
+
+def _decays(ema: Ema, p: torch.nn.Parameter, n: int) -> list[float]:
+    out = []
+    for _ in range(n):
+        out.append(ema.current_decay())
+        ema.update({"w": p})
+    return out
 
 
 def _write_params(path: Path, **ema_overrides) -> Path:

@@ -181,6 +181,7 @@ class TrainStep:
             return StepResult(False, logs, grad_norm)
         scaler.step(self.opt)
         if gan_on:
+            gan.catch_up(step)
             scaler.step(gan.opt)
             dist_.average_buffers(ctx, gan.disc)
         scaler.update()
