@@ -1,4 +1,4 @@
-"""The training engine at toy scale: freezing, EMA maths, exact resume after SIGKILL, NaN handling."""
+"""The training engine at toy scale: freezing, EMA maths, exact resume after SIGKILL, divergence."""
 
 from __future__ import annotations
 
@@ -13,13 +13,16 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
+from vaeft.cli import main
 from vaeft.config import parse_params
 from vaeft.model.freeze import configure_trainable, encoder_state, is_decoder_side
 from vaeft.model.io import load_autoencoder
 from vaeft.train.checkpoint import CheckpointStore
+from vaeft.train.divergence import DivergenceGuard
 from vaeft.train.ema import Ema
-from vaeft.train.engine import NonFiniteError, train_phase
+from vaeft.train.engine import DivergedError, train_phase
 
 from .conftest import tiny_params_dict
 
@@ -121,18 +124,60 @@ def test_resume_after_sigkill_is_bit_exact(tmp_path, curated, base_model):
     assert (tmp_path / "a" / WEIGHTS).read_bytes() == (tmp_path / "b" / WEIGHTS).read_bytes()
 
 
-def test_nonfinite_steps_are_skipped_then_stop_with_last_good_checkpoint(tmp_path, curated, base_model):
+def test_explosion_at_step_k_rolls_back_and_fails(tmp_path, curated, base_model):
+    """Step k's update uses lr 1e30 (its own loss is finite): the run stops there with one line naming
+    the step and a checkpoint written before it that still exists, deletes none of the earlier ones,
+    keeps only sane weights and EMA, and writes no model."""
+    k = 7  # 0-based: the 8th step; checkpoints at steps 2, 4, 6 are before it
     raw = tiny_params_dict()
-    # One good step, then weights ~1e30: the next MSE overflows to inf on every step.
-    raw["train"]["ema"].update(steps=40, lr=1e30, grad_clip=None, loss={"mse": 1.0}, checkpoint_every=1, keep_checkpoints=1)
+    raw["train"]["ema"].update(steps=12, checkpoint_every=2, keep_checkpoints=10, grad_clip=None)
     params = parse_params(raw)
-    with pytest.raises(NonFiniteError, match="consecutive non-finite steps"):
-        train_phase("ema", params, curated, tmp_path / "out", init=base_model, state_root=tmp_path / "state")
+    calls = {"n": 0}
+
+    def huge_lr(opt, args, kwargs):
+        calls["n"] += 1
+        opt.param_groups[0]["lr"] = 1e30 if calls["n"] == k + 1 else params.train.ema.lr
+
+    handle = register_optimizer_step_pre_hook(huge_lr)
+    try:
+        with pytest.raises(DivergedError) as err:
+            train_phase("ema", params, curated, tmp_path / "out", init=base_model, state_root=tmp_path / "state")
+    finally:
+        handle.remove()
+    message = str(err.value)
+    kept = tmp_path / "state" / "ema" / "step-000000006.pt"
+    assert "weight" in message.split(";")[0]  # found in the weights it wrote, before any non-finite loss
+    assert "\n" not in message and f"diverged at step {k + 1} (" in message and str(kept) in message
+    assert sorted(p.name for p in kept.parent.glob("step-*.pt")) == [f"step-00000000{i}.pt" for i in (2, 4, 6)]
     assert not (tmp_path / "out").exists()
-    ckpts = list((tmp_path / "state" / "ema").glob("step-*.pt"))
-    assert len(ckpts) == 1
-    state = torch.load(ckpts[0], weights_only=True)
-    assert all(torch.isfinite(t).all() for t in state["ema"]["shadow"].values())  # EMA never absorbed NaN
+    state = torch.load(kept, weights_only=True)
+    assert state["step"] == 6 and all(t.abs().max() < 100 for t in state["ema"]["shadow"].values())
+
+
+def test_diverged_run_exits_nonzero_with_one_line(tmp_path, curated, base_model, capsys):
+    """lr 1e30 from the first step, 5 steps (fewer than the 20 non-finite steps that used to stop a
+    run, so it used to end with exit 0 and weights of 1e30): exit 2, one line, no model."""
+    params = _write_params(tmp_path / "params.yaml", steps=5, lr=1e30, grad_clip=None, loss={"mse": 1.0},
+                           checkpoint_every=1, keep_checkpoints=5)
+    with pytest.raises(SystemExit) as exit_:
+        main(_train_cmd(params, base_model, curated, tmp_path / "out", tmp_path / "state")[3:])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ema: training diverged at step 1 ("), err
+    assert "next run starts from step 0" in err[-1] and "Traceback" not in "".join(err)
+    assert not (tmp_path / "out").exists() and not list((tmp_path / "state").rglob("step-*.pt"))
+
+
+def test_divergence_guard_thresholds():
+    guard = DivergenceGuard(initial_weight_norm=10.0)
+    assert guard.check_step(1.0, 50.0, 10.5) is None
+    assert "weight norm" in guard.check_step(1.0, 50.0, 110.0)  # > 10x the median of the weights so far
+    for loss in (0.9, 1.2, 0.8, 1.0):  # a noisy but sane run
+        assert guard.check_step(loss, 50.0, 10.5) is None
+    assert guard.check_step(60.0, 1000.0, 10.5) is None  # 60x the loss, 20x the gradient: a bad batch
+    assert "reconstruction loss" in guard.check_step(150.0, 50.0, 10.5)  # finite, 150x the median
+    assert "gradient norm" in guard.check_step(1.0, 6000.0, 10.5)
+    assert guard.check_skipped(10.6) is None and "non-finite" in guard.check_skipped(float("inf"))
 
 
 def test_checkpoint_of_another_run_is_not_resumed(tmp_path):

@@ -60,3 +60,13 @@ class CheckpointStore:
     def clear(self) -> None:
         for _, p in self._checkpoints():
             p.unlink(missing_ok=True)
+
+    def discard_from(self, step: int) -> tuple[int, Path] | None:
+        """Delete the checkpoints of ``step`` and later; the newest one left (step, path), if any."""
+        kept = []
+        for n, p in self._checkpoints():
+            if n >= step:
+                p.unlink(missing_ok=True)
+            else:
+                kept.append((n, p))
+        return kept[-1] if kept else None
