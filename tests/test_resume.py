@@ -113,16 +113,25 @@ def test_incompatible_change_is_refused_naming_the_key_and_fresh_moves_the_state
         tmp_path, curated, base_model, killed_run):
     state = _state_for(killed_run, tmp_path / "state", tmp_path / "out")
     before = {p.name: p.read_bytes() for p in state.iterdir()}
-    with pytest.raises(StateError, match=r"other settings \(train\.lr: 0\.0005 -> 0\.0001\)") as refused:
-        _resume(tmp_path, curated, base_model, killed_run, lr=1e-4)
+    with pytest.raises(StateError, match=r"other settings \(train\.ema_decay: 0\.999 -> 0\.99\)") as refused:
+        _resume(tmp_path, curated, base_model, killed_run, ema_decay=0.99)
     assert "--fresh" in str(refused.value)
     assert {p.name: p.read_bytes() for p in state.iterdir()} == before  # refused: nothing touched
 
-    result = train_phase("ema", parse_params(_raw(lr=1e-4, steps=2)), curated, tmp_path / "out", init=base_model,
-                         state_root=tmp_path / "state", fresh=True)
+    result = train_phase("ema", parse_params(_raw(ema_decay=0.99, steps=2)), curated, tmp_path / "out",
+                         init=base_model, state_root=tmp_path / "state", fresh=True)
     assert result.resumed_from == 0
     (aside,) = (tmp_path / "state").glob(f"{state.name}.old-*")
     assert {p.name: p.read_bytes() for p in aside.iterdir()} == before  # kept, byte for byte
+
+
+def test_lowered_lr_resumes_with_the_new_lr(tmp_path, curated, base_model, killed_run, capsys):
+    """A learning rate is adjustable across a resume (how a run goes on after a divergence was
+    rolled back): the saved optimizer state carries on with this run's lr, and the change is said."""
+    _state_for(killed_run, tmp_path / "state", tmp_path / "out")
+    result = _resume(tmp_path, curated, base_model, killed_run, lr=1e-4)
+    assert result.resumed_from == killed_run.steps[-1]
+    assert "with changed train.lr: 0.0005 -> 0.0001" in " ".join(capsys.readouterr().err.split())
 
 
 def test_bit_flipped_newest_checkpoint_falls_back_with_a_warning(tmp_path, curated, base_model, killed_run,

@@ -1,4 +1,4 @@
-"""The training engine at toy scale: freezing, EMA maths, exact resume after SIGKILL, NaN handling."""
+"""The training engine at toy scale: freezing, EMA maths, exact resume after SIGKILL, divergence."""
 
 from __future__ import annotations
 
@@ -14,13 +14,16 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
+from vaeft.cli import main
 from vaeft.config import parse_params
 from vaeft.model.freeze import configure_trainable, encoder_state, is_decoder_side
 from vaeft.model.io import load_autoencoder
 from vaeft.train.checkpoint import state_dir
+from vaeft.train.divergence import DivergenceGuard
 from vaeft.train.ema import Ema
-from vaeft.train.engine import NonFiniteError, train_phase
+from vaeft.train.engine import DivergedError, train_phase
 
 from .conftest import tiny_params_dict
 
@@ -56,17 +59,32 @@ def test_configure_trainable_modes(base_model):
 def test_ema_warmup_golden_values():
     p = torch.nn.Parameter(torch.zeros(3))
     ema = Ema({"w": p}, decay=0.9999)
+    # LitEma increments num_updates before computing its decay: the first decays are 2/11, 3/12, 4/13.
+    assert [round(d, 4) for d in _decays(Ema({"w": p}, decay=0.9999), p, 4)] == [0.1818, 0.25, 0.3077, 0.3571]
     expected = torch.zeros(3)
-    for n, value in enumerate([1.0, 2.0, 4.0]):
+    for value in [1.0, 2.0, 4.0]:
         with torch.no_grad():
             p.fill_(value)
-        d = min(0.9999, (1 + n) / (10 + n))  # LitEma's warm-up: 0.1, 0.1818..., 0.25
+        d = ema.current_decay()
         expected = expected - (1 - d) * (expected - value)
         ema.update({"w": p})
     assert torch.allclose(ema.shadow["w"], expected)
-    # By hand: 0.9*1 = 0.9; 0.9 + (9/11)*(2 - 0.9) = 1.8; 1.8 + 0.75*(4 - 1.8) = 3.45
-    assert ema.shadow["w"][0].item() == pytest.approx(3.45, abs=1e-6)
+    # By hand: (9/11)*1 = 0.818181...; + (3/4)*(2 - 0.818181) = 1.704545...; + (9/13)*(4 - 1.704545) = 3.293706...
+    assert ema.shadow["w"][0].item() == pytest.approx(3.2937063, abs=1e-6)
     assert ema.num_updates == 3
+    # The cap: decay never exceeds its setting once (1 + n) / (10 + n) passes it.
+    assert Ema({"w": p}, decay=0.5).current_decay() == pytest.approx(2 / 11)
+    late = Ema({"w": p}, decay=0.5)
+    late.num_updates = 100
+    assert late.current_decay() == 0.5
+
+
+def _decays(ema: Ema, p: torch.nn.Parameter, n: int) -> list[float]:
+    out = []
+    for _ in range(n):
+        out.append(ema.current_decay())
+        ema.update({"w": p})
+    return out
 
 
 def _write_params(path: Path, **ema_overrides) -> Path:
@@ -123,15 +141,58 @@ def test_resume_after_sigkill_is_bit_exact(tmp_path, curated, base_model):
     assert (tmp_path / "a" / WEIGHTS).read_bytes() == (tmp_path / "b" / WEIGHTS).read_bytes()
 
 
-def test_nonfinite_steps_are_skipped_then_stop_with_last_good_checkpoint(tmp_path, curated, base_model):
+def test_explosion_at_step_k_rolls_back_and_fails(tmp_path, curated, base_model):
+    """Step k's update uses lr 1e30 (its own loss is finite): the run stops there with one line naming
+    the step and a checkpoint written before it that still exists, deletes none of the earlier ones,
+    keeps only sane weights and EMA, and writes no model."""
+    k = 5  # 0-based: the 6th step; checkpoints at steps 2 and 4 are before it
     raw = tiny_params_dict()
-    # One good step, then weights ~1e30: the next MSE overflows to inf on every step.
-    raw["train"]["ema"].update(steps=40, lr=1e30, grad_clip=None, loss={"mse": 1.0}, checkpoint_every=1, keep_checkpoints=1)
+    raw["train"]["ema"].update(steps=8, checkpoint_every=2, keep_checkpoints=10, grad_clip=None)
     params = parse_params(raw)
-    with pytest.raises(NonFiniteError, match="consecutive non-finite steps"):
-        train_phase("ema", params, curated, tmp_path / "out", init=base_model, state_root=tmp_path / "state")
+    calls = {"n": 0}
+
+    def huge_lr(opt, args, kwargs):
+        calls["n"] += 1
+        opt.param_groups[0]["lr"] = 1e30 if calls["n"] == k + 1 else params.train.ema.lr
+
+    handle = register_optimizer_step_pre_hook(huge_lr)
+    try:
+        with pytest.raises(DivergedError) as err:
+            train_phase("ema", params, curated, tmp_path / "out", init=base_model, state_root=tmp_path / "state")
+    finally:
+        handle.remove()
+    message = str(err.value)
+    kept = state_dir(tmp_path / "state", "ema", tmp_path / "out") / "step-000000004.pt"
+    assert "weight" in message.split(";")[0]  # found in the weights it wrote, before any non-finite loss
+    assert "\n" not in message and f"diverged at step {k + 1} (" in message and str(kept) in message
+    assert sorted(p.name for p in kept.parent.glob("step-*.pt")) == [f"step-00000000{i}.pt" for i in (2, 4)]
     assert not (tmp_path / "out").exists()
-    ckpts = list(state_dir(tmp_path / "state", "ema", tmp_path / "out").glob("step-*.pt"))
-    assert len(ckpts) == 1
-    state = torch.load(ckpts[0], weights_only=True)["parts"]["train_step"]
-    assert all(torch.isfinite(t).all() for t in state["ema"]["shadow"].values())  # EMA never absorbed NaN
+    state = torch.load(kept, weights_only=True)
+    shadow = state["parts"]["train_step"]["ema"]["shadow"]
+    assert state["step"] == 4 and all(t.abs().max() < 100 for t in shadow.values())
+
+
+def test_diverged_run_exits_nonzero_with_one_line(tmp_path, curated, base_model, capsys):
+    """lr 1e30 from the first step, 5 steps (fewer than the 20 non-finite steps that used to stop a
+    run, so it used to end with exit 0 and weights of 1e30): exit 2, one line, no model."""
+    params = _write_params(tmp_path / "params.yaml", steps=5, lr=1e30, grad_clip=None, loss={"mse": 1.0},
+                           checkpoint_every=1, keep_checkpoints=5)
+    with pytest.raises(SystemExit) as exit_:
+        main(_train_cmd(params, base_model, curated, tmp_path / "out", tmp_path / "state")[3:])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ema: training diverged at step 1 ("), err
+    assert "next run starts from step 0" in err[-1] and "Traceback" not in "".join(err)
+    assert not (tmp_path / "out").exists() and not list((tmp_path / "state").rglob("step-*.pt"))
+
+
+def test_divergence_guard_thresholds():
+    guard = DivergenceGuard(initial_weight_norm=10.0)
+    assert guard.check_step(1.0, 50.0, 10.5) is None
+    assert "weight norm" in guard.check_step(1.0, 50.0, 110.0)  # > 10x the median of the weights so far
+    for loss in (0.9, 1.2, 0.8, 1.0):  # a noisy but sane run
+        assert guard.check_step(loss, 50.0, 10.5) is None
+    assert guard.check_step(60.0, 1000.0, 10.5) is None  # 60x the loss, 20x the gradient: a bad batch
+    assert "reconstruction loss" in guard.check_step(150.0, 50.0, 10.5)  # finite, 150x the median
+    assert "gradient norm" in guard.check_step(1.0, 6000.0, 10.5)
+    assert guard.check_skipped(10.6) is None and "non-finite" in guard.check_skipped(float("inf"))

@@ -254,6 +254,10 @@ class TrainPhaseParams(_Strict):
     lr: PositiveFloat = 1e-4
     betas: tuple[float, float] = (0.5, 0.9)
     weight_decay: NonNegativeFloat = 0.0
+    # Max L2 norm of the generator's gradient; None: no clipping (LDM's trainer never clips, so the
+    # LDM-faithful recipes set null). The default 1.0 stays a guard for from-scratch pretraining
+    # and mean-reduced losses (the embedded default), where an early spike can wreck a tiny model;
+    # with LDM's summed nll the norm is ~1e4 and a clip at 1.0 rescales every update.
     grad_clip: PositiveFloat | None = 1.0
     loss: LossParams
     gan: GanParams | None = None

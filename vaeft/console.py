@@ -12,7 +12,9 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-console = Console(stderr=True, highlight=False)
+# soft_wrap: a message is never cut into lines at the console width (80 columns off a terminal),
+# so paths and one-line errors stay whole in logs and in what tests read.
+console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def banner(stage: str, detail: str = "") -> None:

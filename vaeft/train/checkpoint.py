@@ -54,6 +54,12 @@ COMPATIBLE_KEYS = frozenset({
 })
 
 
+# Learning rates change the remaining updates but leave the saved state a valid start: lowering
+# one is how a run continues after a divergence was rolled back. A resume takes the new value and
+# says so; the optimizers' other state (moments, step counts) carries on.
+ADJUSTABLE_KEYS = frozenset({"train.lr", "train.gan.lr"})
+
+
 class StateError(VaeftError, RuntimeError):
     """The saved state cannot be resumed (incompatible, damaged, or in use)."""
 
@@ -74,7 +80,8 @@ def run_config(**parts: Any) -> dict[str, Any]:
 
 
 def fingerprint(config: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
+    kept = {k: v for k, v in config.items() if k not in ADJUSTABLE_KEYS}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()
 
 
 _MISSING = object()
@@ -211,6 +218,9 @@ class CheckpointStore:
                     f"the training state in {self.dir} (step {step}) is of a run with other settings "
                     f"({'; '.join(changed) or 'unknown difference'}): run with the old values to resume, "
                     f"or pass --fresh to move it aside and start from step 0")
+            adjusted = [d for d in config_diff(state["config"], self.config) if d.split(":")[0] in ADJUSTABLE_KEYS]
+            if adjusted and not readonly:
+                console.print(f"resuming step {step} with changed {'; '.join(adjusted)}")
             return state
         if damaged:
             raise StateError(f"no valid checkpoint left in {self.dir} ({', '.join(damaged)}): refusing to restart "
@@ -251,3 +261,14 @@ class CheckpointStore:
             target = self.dir.with_name(f"{self.dir.name}.old-{stamp}-{n}")
         os.replace(self.dir, target)
         return target
+
+    def discard_from(self, step: int) -> tuple[int, Path] | None:
+        """Delete the checkpoints of ``step`` and later; the newest one left (step, path), if any."""
+        kept = []
+        for n, p in self._checkpoints():
+            if n >= step:
+                self._digest_path(p).unlink(missing_ok=True)
+                p.unlink(missing_ok=True)
+            else:
+                kept.append((n, p))
+        return kept[-1] if kept else None

@@ -1,7 +1,9 @@
 """Exponential moving average of parameters, as LDM's ``LitEma``.
 
-decay_t = min(decay, (1 + n) / (10 + n)) with n the number of updates so far, so the average
-warms up quickly instead of being dominated by the initial weights for ~1/(1-decay) steps.
+decay_t = min(decay, (1 + n) / (10 + n)) with n the number of updates *including this one*
+(LitEma increments its counter before computing the decay): 2/11, 3/12, 4/13, ... = 0.18, 0.25,
+0.31, ..., so the average warms up quickly instead of being dominated by the initial weights for
+~1/(1-decay) steps. ``num_updates`` counts the updates done, as LitEma's buffer does.
 Shadows are float32 whatever the training dtype.
 """
 
@@ -20,9 +22,11 @@ class Ema:
         self.shadow = {n: p.detach().float().clone() for n, p in named_params.items()}
 
     def current_decay(self) -> float:
+        """The decay the next :meth:`update` applies."""
         if not self.warmup:
             return self.decay
-        return min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
+        n = self.num_updates + 1
+        return min(self.decay, (1 + n) / (10 + n))
 
     @torch.no_grad()
     def update(self, named_params: dict[str, torch.nn.Parameter]) -> None:

@@ -8,7 +8,7 @@ One optimizer step = ``accumulate`` micro-batches of ``batch_size`` on each of t
 ranks; micro-batch i of rank r is a pure function of (seed, i, r), so resume is exact. Only
 rank 0 writes checkpoints, logs and the model. The step itself (micro-batches, losses, backward,
 optimizer, EMA) is :class:`vaeft.train.step.TrainStep`; this module is the loop around it: data,
-resume, skipped steps, logs and checkpoints. Helpers: :mod:`.distributed`, :mod:`.precision`,
+resume, skipped steps, divergence (:mod:`.divergence`: stop, roll the checkpoints back, no model), logs and checkpoints. Helpers: :mod:`.distributed`, :mod:`.precision`,
 :mod:`.gan`, :mod:`.logs`.
 """
 
@@ -37,6 +37,7 @@ from vaeft.train import determinism
 from vaeft.train import distributed as dist_
 from vaeft.train.checkpoint import CheckpointStore, StateError, StateLock, run_config, state_dir
 from vaeft.train.determinism import deterministic_mode
+from vaeft.train.divergence import DivergenceGuard, weight_norm
 from vaeft.train.gan import DiscriminatorInitError, base_discriminator, write_discriminator
 from vaeft.train.logs import (
     PERF_COLUMNS,
@@ -53,7 +54,11 @@ PHASES = ("pretrain", "ema", "mse")
 MAX_CONSECUTIVE_NONFINITE = 20
 
 
-class NonFiniteError(VaeftError, RuntimeError):
+class DivergedError(VaeftError, RuntimeError):
+    """The run exploded: its checkpoints from the step before the explosion on are deleted."""
+
+
+class NonFiniteError(DivergedError):
     pass
 
 
@@ -222,6 +227,9 @@ def _train(phase: str, params: Params, cfg: TrainPhaseParams, ctx: dist_.DistCon
              if main and log_file is not None and cfg.image_every else None)
     tb = tensorboard_writer(log_file) if main else None
     consecutive_bad = 0
+    guard = DivergenceGuard(weight_norm(runner.g_params))
+    # The reconstruction terms, never negative (the total can be: the GAN term, a learned logvar).
+    recon_terms = [*loss_fn.terms, *(["lpips"] if loss_fn.lpips is not None else [])]
     last_loss = math.nan
     t0 = time.perf_counter()
     t_window, n_window = time.perf_counter(), 0
@@ -233,16 +241,22 @@ def _train(phase: str, params: Params, cfg: TrainPhaseParams, ctx: dist_.DistCon
         for step in range(start, cfg.steps):
             result = runner(step, loader)
             logs, grad_norm = result.logs, result.grad_norm
+            norm = weight_norm(runner.g_params)
             if not result.ok:
                 skipped += 1
                 consecutive_bad += 1
                 if main:
-                    console.print(f"[yellow]step {step}: non-finite loss or gradient, step skipped[/]")
-                if consecutive_bad >= MAX_CONSECUTIVE_NONFINITE:
-                    raise NonFiniteError(
-                        f"{phase}: {consecutive_bad} consecutive non-finite steps at step {step}; "
-                        f"stopping (last good checkpoint kept in {store.dir})"
-                    )
+                    console.print(f"[yellow]step {step + 1}: non-finite loss or gradient, step skipped[/]")
+                reason = guard.check_skipped(norm)
+                if reason is None and consecutive_bad >= MAX_CONSECUTIVE_NONFINITE:
+                    raise NonFiniteError(_rolled_back(ctx, store, phase, step + 1 - consecutive_bad,
+                                                      f"{consecutive_bad} consecutive non-finite steps"))
+            else:
+                reason = guard.check_step(sum(float(logs[k]) for k in recon_terms), float(grad_norm), norm)
+            # Every rank sees the same weights and gradient norm but its own loss: decide together.
+            if not dist_.all_true(ctx, reason is None):
+                raise DivergedError(_rolled_back(ctx, store, phase, step, reason or "on another rank"))
+            if not result.ok:
                 bar.update(task, advance=1)
                 continue
             consecutive_bad = 0
@@ -267,6 +281,8 @@ def _train(phase: str, params: Params, cfg: TrainPhaseParams, ctx: dist_.DistCon
             if done % cfg.checkpoint_every == 0 and done < cfg.steps:
                 _save_checkpoint(ctx, store, runner, Progress(done, done * acc, skipped, log_rows))
 
+    if ema is not None and not math.isfinite(weight_norm(list(ema.shadow.values()))):
+        raise DivergedError(_rolled_back(ctx, store, phase, cfg.steps, "non-finite EMA weights"))
     digests = dist_.replica_digests(ctx, {**named, **(ema.shadow if ema is not None else {})})
     if len(set(digests)) != 1:
         raise ReplicaMismatchError(f"{phase}: the {ctx.world_size} replicas ended different: {digests}")
@@ -294,6 +310,20 @@ def _train(phase: str, params: Params, cfg: TrainPhaseParams, ctx: dist_.DistCon
                       f"{ctx.world_size} replica(s) identical -> {out_dir}")
     dist_.barrier(ctx)
     return TrainResult(phase, out_dir, cfg.steps, start, skipped, last_loss, seconds)
+
+
+def _rolled_back(ctx: dist_.DistContext, store: CheckpointStore, phase: str, step: int, reason: str) -> str:
+    """Delete the checkpoints that may hold the explosion and say what is left, in one line.
+
+    ``step`` (0-based) is the first step that looked wrong; its weights came from the update of
+    step - 1, which may already have been the explosion (its loss was finite), so checkpoints
+    from ``step`` on (they hold that update) are dropped and the EMA never exports."""
+    kept = store.discard_from(step) if ctx.is_main else None
+    dist_.barrier(ctx)
+    where = (f"rolled back to {kept[1]} (step {kept[0]}), which the next run resumes from"
+             if kept else "no checkpoint before it was kept, so the next run starts from step 0")
+    return (f"{phase}: training diverged at step {step + 1} ({reason}); no model written; {where}; "
+            f"lower train.{phase}.lr or check the data")
 
 
 def _save_checkpoint(ctx: dist_.DistContext, store: CheckpointStore, runner: TrainStep, counters: Progress) -> None:

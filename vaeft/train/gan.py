@@ -15,6 +15,15 @@ both, as a resumed run would (LDM's ft-MSE resumed ft-EMA's full checkpoint); an
 checkpoint as ``--init`` gives D from its ``loss.discriminator.*`` (Adam starts fresh: the
 released files keep D's moments in Lightning's ``optimizer_states``, whose order vaeft does not
 rely on).
+
+Before ``disc_start`` LDM still steps D's Adam on a zero loss (factor 0). A zero gradient leaves
+D's weights and Adam's moments exactly as they were (all zero before the first real step), and
+only advances Adam's step counter, which sets the bias correction of D's first updates: with
+beta2 0.9 and the counter at 50,001, LDM's first D update is ~1.6x as large as a fresh Adam's.
+vaeft runs no D forward/backward before ``disc_start`` (it would cost D's compute for nothing)
+and, at D's first step, starts Adam's counter at the number of zero-loss steps LDM would have
+taken (:meth:`GanTrainer.catch_up`), so D's updates are LDM's. (LDM's zero-loss forwards also
+move BatchNorm's running statistics; D always runs in train mode, so they are never used.)
 """
 
 from __future__ import annotations
@@ -79,6 +88,25 @@ class GanTrainer:
 
     def active(self, step: int) -> bool:
         return disc_factor(step, self.cfg.disc_start, self.cfg.disc_factor) > 0
+
+    def catch_up(self, step: int) -> None:
+        """Call before D's optimizer steps at ``step``: an Adam that has not stepped yet gets the
+        state LDM's ``step`` zero-loss steps leave (moments zero, counter ``step``)."""
+        if step == 0:
+            return
+        for group in self.opt.param_groups:
+            on_device = group.get("fused") or group.get("capturable")
+            for p in group["params"]:
+                if self.opt.state.get(p):
+                    continue
+                # The counter's dtype and device as torch.optim.Adam creates it.
+                dtype = torch.float32 if group.get("fused") or torch.get_default_dtype() != torch.float64 \
+                    else torch.float64
+                self.opt.state[p] = {
+                    "step": torch.tensor(float(step), dtype=dtype, device=p.device if on_device else "cpu"),
+                    "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                    "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
+                }
 
     def _generator_loss(self, x_hat: torch.Tensor) -> torch.Tensor:
         # D is frozen for G's term: its weights get no gradient from the generator's loss.
@@ -171,6 +199,8 @@ class GanTrainer:
     def load_state_dict(self, state: dict) -> None:
         self.disc.load_state_dict(state["disc"])
         self.opt.load_state_dict(state["opt"])
+        for group in self.opt.param_groups:  # this run's lr, as for G's optimizer
+            group["lr"] = self.opt.defaults["lr"]
         self.rng.set_state(state["rng"])
 
 

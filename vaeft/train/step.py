@@ -181,6 +181,7 @@ class TrainStep:
             return StepResult(False, logs, grad_norm)
         scaler.step(self.opt)
         if gan_on:
+            gan.catch_up(step)
             scaler.step(gan.opt)
             dist_.average_buffers(ctx, gan.disc)
         scaler.update()
@@ -202,6 +203,9 @@ class TrainStep:
     def load_state_dict(self, state: dict) -> None:
         self.vae.load_state_dict(state["model"])
         self.opt.load_state_dict(state["optimizer"])
+        # The saved param groups carry the old lr; this run's (train.lr may change across a resume).
+        for group in self.opt.param_groups:
+            group["lr"] = self.opt.defaults["lr"]
         if self.ema is not None:
             self.ema.load_state_dict(state["ema"])
         self.loss_fn.logvar.data.copy_(state["logvar"])
