@@ -12,12 +12,8 @@ import hashlib
 import json
 import math
 import os
-import socket
 import tarfile
-import time
 import zlib
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -26,6 +22,7 @@ from typing import Any
 from vaeft.config import SourceParams
 from vaeft.data.embedded import IMAGE_SUFFIXES, embedded_image_files
 from vaeft.errors import VaeftError
+from vaeft.weights.download import DownloadError, TooLargeError, fetch_bytes
 
 LAION_COLUMNS = ("aesthetic", "pwatermark", "punsafe", "width", "height")
 PATH_COLUMNS = ("url", "path", "file", "filepath")
@@ -225,30 +222,16 @@ def _read_file(location: str, path: str, limits: ReadLimits, meta: dict[str, flo
 
 
 def fetch_url(url: str, limits: ReadLimits) -> tuple[bytes | None, str]:
-    """(body, "") or (None, why). Retries timeouts, connection errors and 5xx, never 4xx."""
-    why = ""
-    for attempt in range(limits.fetch_retries + 1):
-        if attempt:
-            time.sleep(min(0.2 * 2 ** (attempt - 1), 5.0))
-        try:
-            req = urllib.request.Request(url, headers={"User-Agent": "vaeft-curate/1"})
-            with urllib.request.urlopen(req, timeout=limits.fetch_timeout) as resp:
-                body = resp.read(limits.max_bytes + 1)
-            if len(body) > limits.max_bytes:
-                return None, f"more than {limits.max_bytes} bytes"
-            return body, ""
-        except urllib.error.HTTPError as exc:
-            why = f"HTTP {exc.code}"
-            if exc.code < 500 and exc.code not in (408, 429):
-                return None, why
-        except (TimeoutError, socket.timeout):
-            why = f"timeout after {limits.fetch_timeout:g}s"
-        except (urllib.error.URLError, OSError, ValueError) as exc:
-            reason = getattr(exc, "reason", exc)
-            why = "timeout" if isinstance(reason, (TimeoutError, socket.timeout)) else f"{type(exc).__name__}: {reason}"
-            if isinstance(exc, ValueError):
-                return None, why  # malformed URL: retrying cannot help
-    return None, f"{why} ({limits.fetch_retries + 1} attempts)"
+    """(body, "") or (None, why), through the weight store's fetcher: retries timeouts, dropped
+    connections and 5xx (resuming with Range), never 4xx; a short body is never accepted."""
+    try:
+        body, _sha = fetch_bytes(url, limits.max_bytes, retries=limits.fetch_retries, backoff=0.2,
+                                 timeout=limits.fetch_timeout, user_agent="vaeft-curate/1")
+    except TooLargeError:
+        return None, f"more than {limits.max_bytes} bytes"
+    except DownloadError as exc:
+        return None, exc.why
+    return body, ""
 
 
 def _sidecar_meta(raw: bytes) -> dict[str, float]:
