@@ -12,7 +12,7 @@ import zipfile
 import pytest
 import yaml
 
-from vaeft.weights.download import DownloadError, TooLargeError, fetch, fetch_bytes
+from vaeft.fetch import DownloadError, TooLargeError, fetch, fetch_bytes
 from vaeft.weights.verify import read_record
 
 BODY = bytes(range(256)) * 1200  # 307,200 bytes

@@ -18,8 +18,8 @@ from pathlib import Path
 from vaeft import atomic
 from vaeft.console import progress
 from vaeft.errors import VaeftError
-from vaeft.weights.download import DownloadError as FetchError
-from vaeft.weights.download import fetch
+from vaeft.fetch import DownloadError as FetchError
+from vaeft.fetch import fetch
 
 COCO_VAL_URL = "http://images.cocodataset.org/zips/val2017.zip"
 COCO_VAL_MD5 = "442b8da7639aecaf257c1dceb8ba8c80"
