@@ -7,6 +7,7 @@ Nothing here decodes an image.
 
 from __future__ import annotations
 
+import errno
 import glob
 import hashlib
 import json
@@ -22,7 +23,7 @@ from typing import Any
 from vaeft.config import SourceParams
 from vaeft.data.embedded import IMAGE_SUFFIXES, embedded_image_files
 from vaeft.errors import VaeftError
-from vaeft.weights.download import DownloadError, TooLargeError, fetch_bytes
+from vaeft.fetch import DownloadError, TooLargeError, fetch_bytes
 
 LAION_COLUMNS = ("aesthetic", "pwatermark", "punsafe", "width", "height")
 PATH_COLUMNS = ("url", "path", "file", "filepath")
@@ -71,6 +72,19 @@ def _is_image_name(name: str) -> bool:
     return PurePosixPath(name).suffix.lower() in IMAGE_SUFFIXES
 
 
+def safe_name(name: str) -> str:
+    """A file name as valid UTF-8 text for reports and the manifest.
+
+    Names that are not UTF-8 arrive from the OS (and tarfile) with surrogate escapes, which no
+    UTF-8 writer accepts; their raw bytes are shown as ``\\xNN`` instead. Valid names pass unchanged.
+    """
+    try:
+        name.encode("utf-8")
+        return name
+    except UnicodeEncodeError:
+        return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 # ------------------------------------------------------------------------------ enumeration
 
 
@@ -89,8 +103,11 @@ def _folder_files(source: SourceParams) -> list[tuple[str, Path]]:
     root = Path(source.path or "")
     if not root.is_dir():
         raise SourceError(f"data source {source.name!r}: folder {root} does not exist")
-    found = sorted(p.relative_to(root) for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    return [(str(Path(source.path or "") / rel), root / rel) for rel in found]
+    # Symlinks that lead nowhere (dangling, looping) are listed too: reading them fails and the
+    # report names them, instead of their silently vanishing from the run.
+    found = sorted(p.relative_to(root) for p in root.rglob("*")
+                   if (p.is_file() or (p.is_symlink() and not p.exists())) and p.suffix.lower() in IMAGE_SUFFIXES)
+    return [(safe_name(str(Path(source.path or "") / rel)), root / rel) for rel in found]
 
 
 def _tar_files(source: SourceParams) -> list[str]:
@@ -215,7 +232,15 @@ def _read_file(location: str, path: str, limits: ReadLimits, meta: dict[str, flo
         with open(path, "rb") as fh:
             data = fh.read(limits.max_bytes + 1)
     except OSError as exc:
-        return Item(location, reason="unreadable", detail=f"{type(exc).__name__}: {exc.strerror or exc}", meta=meta or {})
+        reason = "unreadable"
+        if exc.errno == errno.ELOOP:
+            reason = "symlink_loop"
+        elif os.path.islink(path) and not os.path.exists(path):
+            reason = "dangling_symlink"
+        detail = f"{type(exc).__name__}: {exc.strerror or exc}"
+        if reason != "unreadable":
+            detail += f" (-> {safe_name(os.readlink(path))})"
+        return Item(location, reason=reason, detail=detail, meta=meta or {})
     if len(data) > limits.max_bytes:
         return _too_large(location, len(data), limits, meta)
     return Item(location, data, meta=meta or {})
@@ -270,7 +295,7 @@ def _iter_tar(shard_path: str, limits: ReadLimits) -> Iterator[Item]:
             for m in tf:
                 if m.isdir():
                     continue
-                loc = f"{shard_path}{TAR_SEP}{m.name}"
+                loc = f"{shard_path}{TAR_SEP}{safe_name(m.name)}"
                 base = PurePosixPath(m.name)
                 key = str(base.parent / base.name.split(".", 1)[0])
                 if key != pending_key:
@@ -296,9 +321,27 @@ def _iter_tar(shard_path: str, limits: ReadLimits) -> Iterator[Item]:
                 else:
                     pending.append(Item(loc, data))
             yield from flush()
+            bad_at = _unread_rest(tf)
+            if bad_at is not None:
+                yield Item(shard_path, reason="corrupt_shard",
+                           detail=f"invalid tar header at byte {bad_at}; the rest of the shard was not read")
     except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
         yield from flush()
         yield Item(shard_path, reason="corrupt_shard", detail=f"{type(exc).__name__}: {exc}")
+
+
+def _unread_rest(tf: tarfile.TarFile) -> int | None:
+    """Where a tar stream stopped early, or None when it ended properly.
+
+    tarfile ends its iteration at an invalid header past the first one exactly as at the real
+    end, so a corrupt header mid-shard would silently drop every sample after it. A real end is
+    followed by zero blocks only; anything else after the stopping point is data never read.
+    """
+    stopped = tf.offset
+    while block := tf.fileobj.read(1 << 16):
+        if block.count(0) != len(block):
+            return stopped
+    return None
 
 
 def _resolve_target(target: str, base: str) -> tuple[str, str]:
