@@ -55,8 +55,8 @@ def odd_folder(tmp_path):
     (d / "sub").mkdir(parents=True)
     Image.fromarray(_photo(1)).save(d / "good.png")
     Image.fromarray(_photo(1)).save(d / "sub" / "good_copy.png")  # exact duplicate bytes
-    # resized, re-encoded copy: different bytes, same picture
-    Image.fromarray(_photo(1)).resize((144, 120), Image.LANCZOS).save(d / "sub" / "good_near.jpg", quality=85)
+    # smaller, re-encoded copy: different bytes, same picture (de-duplication keeps the larger)
+    Image.fromarray(_photo(1)).resize((80, 67), Image.LANCZOS).save(d / "sub" / "good_near.jpg", quality=85)
     Image.fromarray(_photo(2)).save(d / "good.jpg", quality=90)
     (d / "empty.png").write_bytes(b"")
     (d / "text.jpg").write_text("this is not an image")

@@ -182,7 +182,8 @@ def test_s3_prefix_on_moto(tmp_path, monkeypatch):
 def test_sources_are_mixed_by_weight_and_near_duplicates_removed_across_sources(tmp_path):
     a = _folder(tmp_path / "a", range(100, 106))
     b = _folder(tmp_path / "b", range(200, 218))
-    Image.fromarray(photo(100)).resize((130, 108), Image.LANCZOS).save(b / "copy_of_a100.jpg", quality=80)
+    # a smaller re-encoded copy: the larger original is kept, whichever source lists it
+    Image.fromarray(photo(100)).resize((80, 67), Image.LANCZOS).save(b / "copy_of_a100.jpg", quality=80)
     sources = [SourceParams(name="a", kind="folder", path=str(a)), SourceParams(name="b", kind="folder", path=str(b))]
     curate(_params(tmp_path, sources), tmp_path / "even")
     rep = _report(tmp_path / "even")

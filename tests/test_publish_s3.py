@@ -133,3 +133,52 @@ def test_publish_survives_a_flaky_endpoint_without_duplicates(s3_endpoint, expor
     for key in objs:  # every object is whole and matches its recorded sha256
         body = client.get_object(Bucket="pub-flaky", Key=key)["Body"].read()
         assert client.head_object(Bucket="pub-flaky", Key=key)["Metadata"]["sha256"] == hashlib.sha256(body).hexdigest()
+
+
+def test_metadata_that_claims_the_right_digest_is_not_trusted(s3_endpoint, export):
+    target = _target(s3_endpoint, "pub-liar")
+    client = make_client(target)
+    key = f"releases/ft-ema/{release_version(export)}/README.md"
+    right = hashlib.sha256((export / "ft-ema" / "README.md").read_bytes()).hexdigest()
+    client.put_object(Bucket="pub-liar", Key=key, Body=b"# not the card\n", Metadata={"sha256": right})
+    with pytest.raises(PublishConflictError, match="README.md"):
+        publish_s3(export, target)
+    assert client.get_object(Bucket="pub-liar", Key=key)["Body"].read() == b"# not the card\n"
+
+
+def test_a_conflict_at_the_second_model_publishes_nothing(s3_endpoint, export):
+    target = _target(s3_endpoint, "pub-half")
+    client = make_client(target)
+    v = release_version(export)
+    key = f"releases/ft-mse/{v}/ldm/ft-mse.safetensors"
+    client.put_object(Bucket="pub-half", Key=key, Body=b"other weights")
+    with pytest.raises(PublishConflictError, match="nothing was uploaded"):
+        publish_s3(export, target, receipt=b"{}\n", receipt_name="r1")
+    assert set(_objects(client, "pub-half")) == {key}  # ft-ema, listed first, was not published either
+
+
+def test_leftover_multipart_uploads_are_aborted_and_identical_objects_verified_by_content(s3_endpoint, export):
+    target = _target(s3_endpoint, "pub-left")
+    client = make_client(target)
+    v = release_version(export)
+    big = f"releases/ft-mse/{v}/diffusers/diffusion_pytorch_model.safetensors"
+    up = client.create_multipart_upload(Bucket="pub-left", Key=big)  # a killed run's leftover
+    client.upload_part(Bucket="pub-left", Key=big, UploadId=up["UploadId"], PartNumber=1, Body=b"x" * (5 * MB))
+    first = publish_s3(export, target)
+    assert not client.list_multipart_uploads(Bucket="pub-left").get("Uploads")
+    small = f"releases/ft-ema/{v}/README.md"
+    head = client.head_object(Bucket="pub-left", Key=small, ChecksumMode="ENABLED")
+    assert head.get("ChecksumSHA256")  # the store checked and kept its own SHA-256
+    second = publish_s3(export, target)
+    assert second.uploaded == [] and sorted(second.skipped) == sorted(first.uploaded)
+
+
+def test_store_failures_are_one_line_errors(s3_endpoint, export):
+    from vaeft.errors import VaeftError
+
+    target = S3Target(bucket="no-such-bucket", prefix="releases", endpoint_url=s3_endpoint, region="us-east-1",
+                      max_attempts=1)
+    with pytest.raises(VaeftError) as info:
+        publish_s3(export, target)
+    msg = str(info.value)
+    assert "\n" not in msg and "NoSuchBucket" in msg and "s3://no-such-bucket/releases" in msg

@@ -224,3 +224,7 @@ def test_shipped_registry_is_well_formed(monkeypatch):
             if f.sha256_prefix:
                 assert f.sha256_prefix in f.path  # only prefixes that the file name itself carries
     assert len(specs["sd-vae-ft-mse"].files) == 2
+    # Hub models come through huggingface_hub at the commit their URLs name.
+    for name in ("sd-vae-ft-ema", "sd-vae-ft-mse", "vae-ft-mse-original"):
+        hub = specs[name].hub
+        assert hub is not None and all(f"/{hub.repo}/resolve/{hub.revision}/" in f.url for f in specs[name].files)

@@ -40,7 +40,7 @@ from vaeft.errors import VaeftError
 
 REPORT_FILE = "curation_report.json"
 # Bump when per-item processing changes, so stale partial results are not reused.
-_WORK_VERSION = 2  # 2: PNGs no longer embed an ICC profile
+_WORK_VERSION = 3  # 2: PNGs no longer embed an ICC profile; 3: safe names, symlink and tar-header reports
 
 
 class CurationError(VaeftError):
@@ -279,25 +279,40 @@ def curate(params: DataParams, out_dir: str | Path, *, force: bool = False) -> C
     duplicates: list[dict[str, Any]] = []
     candidates: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
     seen = Counter[str]()
-    by_sha: dict[str, str] = {}
-    near = NearDuplicateIndex(params.phash_distance)
+    valid: list[tuple[int, dict[str, Any]]] = []  # (merge position, record) of every decodable image
     for src_idx, shard in sorted(order, key=lambda t: (t[0], t[1].index)):
         name = names[src_idx]
         for rec in _read_records(work, shard):
             seen[name] += 1
-            loc = rec["location"]
             if rec["reason"]:
-                rejected.append({"location": loc, "source": name, "reason": rec["reason"], "detail": rec["detail"]})
-            elif rec["sha256"] in by_sha:
-                duplicates.append({"location": loc, "source": name, "reason": "exact_duplicate",
-                                   "duplicate_of": by_sha[rec["sha256"]]})
-            elif (hit := near.find(rec["phash"])) is not None:
-                duplicates.append({"location": loc, "source": name, "reason": "near_duplicate",
-                                   "duplicate_of": hit[0], "distance": hit[1]})
+                rejected.append({"location": rec["location"], "source": name, "reason": rec["reason"],
+                                 "detail": rec["detail"]})
             else:
-                by_sha[rec["sha256"]] = loc
-                near.add(rec["phash"], loc)
-                candidates[name].append({**rec, "source": name})
+                valid.append((len(valid), {**rec, "source": name}))
+    # De-duplication keeps the best copy of each image: the most pixels first (a thumbnail never
+    # wins over its original), then the first in merge order (sources as listed, then shards and
+    # items in order), which depends on the inputs only, never on which worker made a record.
+    by_sha: dict[str, str] = {}
+    dropped_sha: dict[str, dict[str, Any]] = {}  # a copy of an image that was itself dropped: same verdict
+    near = NearDuplicateIndex(params.phash_distance)
+    kept: list[tuple[int, dict[str, Any]]] = []
+    for pos, rec in sorted(valid, key=lambda t: (-t[1]["width"] * t[1]["height"], t[0])):
+        loc, name = rec["location"], rec["source"]
+        if rec["sha256"] in by_sha:
+            duplicates.append({"location": loc, "source": name, "reason": "exact_duplicate",
+                               "duplicate_of": by_sha[rec["sha256"]]})
+        elif rec["sha256"] in dropped_sha:
+            duplicates.append({"location": loc, "source": name, **dropped_sha[rec["sha256"]]})
+        elif (hit := near.find(rec["phash"])) is not None:
+            verdict = {"reason": "near_duplicate", "duplicate_of": hit[0], "distance": hit[1]}
+            dropped_sha[rec["sha256"]] = verdict
+            duplicates.append({"location": loc, "source": name, **verdict})
+        else:
+            by_sha[rec["sha256"]] = loc
+            near.add(rec["phash"], loc)
+            kept.append((pos, rec))
+    for _pos, rec in sorted(kept, key=lambda t: t[0]):  # the manifest keeps the sources' order
+        candidates[rec["source"]].append(rec)
 
     subsampled: list[dict[str, str]] = []
     if params.balance:

@@ -22,11 +22,44 @@ class ImageRejected(VaeftError):
         self.reason, self.detail = reason, detail
 
 
+# Decoding a file takes its pixels at the file's own depth plus the 8-bit RGB result (Pillow
+# keeps RGB as 4 bytes per pixel): refused up front when that exceeds the budget.
+DECODE_BUDGET = 2 << 30
+_BYTES_PER_PIXEL = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16B": 2, "I;16L": 2, "I": 4, "F": 4, "LA": 4, "PA": 4,
+                    "RGB": 4, "RGBA": 4, "RGBa": 4, "CMYK": 4, "YCbCr": 4, "LAB": 4, "HSV": 4}
+_ROWS = 256  # rows converted at a time from 16/32-bit gray: bounds the temporaries
+
+
 @dataclass(frozen=True)
 class ImageLimits:
     min_side: int
     max_aspect: float
     max_pixels: int
+    max_decode_bytes: int = DECODE_BUDGET
+
+
+def decode_bytes(mode: str, width: int, height: int) -> int:
+    """Peak bytes to decode an image of this header and turn it into 8-bit RGB."""
+    src = _BYTES_PER_PIXEL.get(mode, 8)
+    gray_step = 1 if mode in ("I;16", "I;16B", "I;16L", "I", "F") else 0  # the 8-bit gray in between
+    return width * height * (src + gray_step + 4)
+
+
+def _deep_gray_to_l(img: Image.Image) -> Image.Image:
+    """16/32-bit gray -> 8-bit, a block of rows at a time, in integers.
+
+    Values scale by 255/65535 (or pass through when none exceeds 255), rounded half up: the same
+    numbers as float maths, without float64 copies of the whole image (27 bytes per pixel).
+    """
+    w, h = img.size
+    hi = img.getextrema()[1] if w and h else 0
+    out = np.empty((h, w), np.uint8)
+    for top in range(0, h, _ROWS):
+        block = np.asarray(img.crop((0, top, w, min(h, top + _ROWS))), dtype=np.int64)
+        if hi > 255:
+            block = (np.clip(block, 0, 65535) * 510 + 65535) // 131070
+        out[top:top + block.shape[0]] = np.clip(block, 0, 255)
+    return Image.fromarray(out, mode="L")
 
 
 _SRGB = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
@@ -35,10 +68,7 @@ _SRGB = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
 def to_rgb(img: Image.Image) -> Image.Image:
     """Any Pillow mode -> 8-bit RGB; transparency is composited on white."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        arr = np.asarray(img, dtype=np.float64)
-        hi = arr.max() if arr.size else 0
-        scale = 255.0 / (65535.0 if hi > 255 else 255.0)
-        img = Image.fromarray(np.clip(arr * scale + 0.5, 0, 255).astype(np.uint8), mode="L")
+        img = _deep_gray_to_l(img)
     if img.mode == "P":
         img = img.convert("RGBA" if "transparency" in img.info else "RGB")
     if img.mode in ("LA", "PA", "La"):
@@ -99,6 +129,10 @@ def load_rgb(src: str | Path | bytes, limits: ImageLimits) -> Image.Image:
         w, h = img.size
         if w * h > limits.max_pixels:  # checked from the header, before decoding
             raise ImageRejected("too_many_pixels", f"{w}x{h} > {limits.max_pixels} pixels")
+        need = decode_bytes(img.mode, w, h)
+        if need > limits.max_decode_bytes:
+            raise ImageRejected("too_large_to_decode", f"{w}x{h} {img.mode} needs ~{need >> 20} MiB to decode, "
+                                f"budget {limits.max_decode_bytes >> 20} MiB")
         try:
             # Animated files: the first frame is the image; later frames are not decoded.
             img.load()

@@ -7,17 +7,14 @@ Nothing here decodes an image.
 
 from __future__ import annotations
 
+import errno
 import glob
 import hashlib
 import json
 import math
 import os
-import socket
 import tarfile
-import time
 import zlib
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -26,6 +23,7 @@ from typing import Any
 from vaeft.config import SourceParams
 from vaeft.data.embedded import IMAGE_SUFFIXES, embedded_image_files
 from vaeft.errors import VaeftError
+from vaeft.fetch import DownloadError, TooLargeError, fetch_bytes
 
 LAION_COLUMNS = ("aesthetic", "pwatermark", "punsafe", "width", "height")
 PATH_COLUMNS = ("url", "path", "file", "filepath")
@@ -74,6 +72,19 @@ def _is_image_name(name: str) -> bool:
     return PurePosixPath(name).suffix.lower() in IMAGE_SUFFIXES
 
 
+def safe_name(name: str) -> str:
+    """A file name as valid UTF-8 text for reports and the manifest.
+
+    Names that are not UTF-8 arrive from the OS (and tarfile) with surrogate escapes, which no
+    UTF-8 writer accepts; their raw bytes are shown as ``\\xNN`` instead. Valid names pass unchanged.
+    """
+    try:
+        name.encode("utf-8")
+        return name
+    except UnicodeEncodeError:
+        return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 # ------------------------------------------------------------------------------ enumeration
 
 
@@ -92,8 +103,11 @@ def _folder_files(source: SourceParams) -> list[tuple[str, Path]]:
     root = Path(source.path or "")
     if not root.is_dir():
         raise SourceError(f"data source {source.name!r}: folder {root} does not exist")
-    found = sorted(p.relative_to(root) for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    return [(str(Path(source.path or "") / rel), root / rel) for rel in found]
+    # Symlinks that lead nowhere (dangling, looping) are listed too: reading them fails and the
+    # report names them, instead of their silently vanishing from the run.
+    found = sorted(p.relative_to(root) for p in root.rglob("*")
+                   if (p.is_file() or (p.is_symlink() and not p.exists())) and p.suffix.lower() in IMAGE_SUFFIXES)
+    return [(safe_name(str(Path(source.path or "") / rel)), root / rel) for rel in found]
 
 
 def _tar_files(source: SourceParams) -> list[str]:
@@ -218,37 +232,31 @@ def _read_file(location: str, path: str, limits: ReadLimits, meta: dict[str, flo
         with open(path, "rb") as fh:
             data = fh.read(limits.max_bytes + 1)
     except OSError as exc:
-        return Item(location, reason="unreadable", detail=f"{type(exc).__name__}: {exc.strerror or exc}", meta=meta or {})
+        reason = "unreadable"
+        if exc.errno == errno.ELOOP:
+            reason = "symlink_loop"
+        elif os.path.islink(path) and not os.path.exists(path):
+            reason = "dangling_symlink"
+        detail = f"{type(exc).__name__}: {exc.strerror or exc}"
+        if reason != "unreadable":
+            detail += f" (-> {safe_name(os.readlink(path))})"
+        return Item(location, reason=reason, detail=detail, meta=meta or {})
     if len(data) > limits.max_bytes:
         return _too_large(location, len(data), limits, meta)
     return Item(location, data, meta=meta or {})
 
 
 def fetch_url(url: str, limits: ReadLimits) -> tuple[bytes | None, str]:
-    """(body, "") or (None, why). Retries timeouts, connection errors and 5xx, never 4xx."""
-    why = ""
-    for attempt in range(limits.fetch_retries + 1):
-        if attempt:
-            time.sleep(min(0.2 * 2 ** (attempt - 1), 5.0))
-        try:
-            req = urllib.request.Request(url, headers={"User-Agent": "vaeft-curate/1"})
-            with urllib.request.urlopen(req, timeout=limits.fetch_timeout) as resp:
-                body = resp.read(limits.max_bytes + 1)
-            if len(body) > limits.max_bytes:
-                return None, f"more than {limits.max_bytes} bytes"
-            return body, ""
-        except urllib.error.HTTPError as exc:
-            why = f"HTTP {exc.code}"
-            if exc.code < 500 and exc.code not in (408, 429):
-                return None, why
-        except (TimeoutError, socket.timeout):
-            why = f"timeout after {limits.fetch_timeout:g}s"
-        except (urllib.error.URLError, OSError, ValueError) as exc:
-            reason = getattr(exc, "reason", exc)
-            why = "timeout" if isinstance(reason, (TimeoutError, socket.timeout)) else f"{type(exc).__name__}: {reason}"
-            if isinstance(exc, ValueError):
-                return None, why  # malformed URL: retrying cannot help
-    return None, f"{why} ({limits.fetch_retries + 1} attempts)"
+    """(body, "") or (None, why), through the weight store's fetcher: retries timeouts, dropped
+    connections and 5xx (resuming with Range), never 4xx; a short body is never accepted."""
+    try:
+        body, _sha = fetch_bytes(url, limits.max_bytes, retries=limits.fetch_retries, backoff=0.2,
+                                 timeout=limits.fetch_timeout, user_agent="vaeft-curate/1")
+    except TooLargeError:
+        return None, f"more than {limits.max_bytes} bytes"
+    except DownloadError as exc:
+        return None, exc.why
+    return body, ""
 
 
 def _sidecar_meta(raw: bytes) -> dict[str, float]:
@@ -287,7 +295,7 @@ def _iter_tar(shard_path: str, limits: ReadLimits) -> Iterator[Item]:
             for m in tf:
                 if m.isdir():
                     continue
-                loc = f"{shard_path}{TAR_SEP}{m.name}"
+                loc = f"{shard_path}{TAR_SEP}{safe_name(m.name)}"
                 base = PurePosixPath(m.name)
                 key = str(base.parent / base.name.split(".", 1)[0])
                 if key != pending_key:
@@ -313,9 +321,27 @@ def _iter_tar(shard_path: str, limits: ReadLimits) -> Iterator[Item]:
                 else:
                     pending.append(Item(loc, data))
             yield from flush()
+            bad_at = _unread_rest(tf)
+            if bad_at is not None:
+                yield Item(shard_path, reason="corrupt_shard",
+                           detail=f"invalid tar header at byte {bad_at}; the rest of the shard was not read")
     except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
         yield from flush()
         yield Item(shard_path, reason="corrupt_shard", detail=f"{type(exc).__name__}: {exc}")
+
+
+def _unread_rest(tf: tarfile.TarFile) -> int | None:
+    """Where a tar stream stopped early, or None when it ended properly.
+
+    tarfile ends its iteration at an invalid header past the first one exactly as at the real
+    end, so a corrupt header mid-shard would silently drop every sample after it. A real end is
+    followed by zero blocks only; anything else after the stopping point is data never read.
+    """
+    stopped = tf.offset
+    while block := tf.fileobj.read(1 << 16):
+        if block.count(0) != len(block):
+            return stopped
+    return None
 
 
 def _resolve_target(target: str, base: str) -> tuple[str, str]:

@@ -10,20 +10,23 @@ from __future__ import annotations
 
 import hashlib
 import os
-import urllib.request
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 from vaeft import atomic
 from vaeft.console import progress
 from vaeft.errors import VaeftError
+from vaeft.fetch import DownloadError as FetchError
+from vaeft.fetch import fetch
 
 COCO_VAL_URL = "http://images.cocodataset.org/zips/val2017.zip"
 COCO_VAL_MD5 = "442b8da7639aecaf257c1dceb8ba8c80"
 COCO_VAL_SIZE = 815_585_330
 COCO_VAL_IMAGES = 5000
 _CHUNK = 1 << 20
+FETCH_RECORD = "fetched.json"
 
 
 class DownloadError(VaeftError):
@@ -48,24 +51,32 @@ def _digests(path: Path) -> tuple[str, str]:
     return md5.hexdigest(), sha.hexdigest()
 
 
-def _fetch(url: str, target: Path, timeout: float) -> None:
-    with urllib.request.urlopen(url, timeout=timeout) as resp, atomic.atomic_path(target) as tmp:  # noqa: S310
-        total = int(resp.headers.get("Content-Length") or 0) or None
-        with tmp.open("wb") as fh, progress() as bar:
-            task = bar.add_task("download", total=total, info=url.rsplit("/", 1)[-1])
-            while chunk := resp.read(_CHUNK):
-                fh.write(chunk)
-                bar.update(task, advance=len(chunk))
+def _fetch(url: str, target: Path, timeout: float, size: int | None) -> str:
+    """The weight store's fetcher (resumable, length-checked); returns the sha256 of what came."""
+    with progress() as bar:
+        task = bar.add_task("download", total=size, info=url.rsplit("/", 1)[-1])
+        got = fetch(url, target, timeout=timeout, size=size,
+                    progress=lambda done, total: bar.update(task, completed=done, total=total))
+    return got.sha256
 
 
 def _safe_extract(archive: Path, out_dir: Path) -> None:
-    with zipfile.ZipFile(archive) as zf:
-        root = out_dir.resolve()
-        for member in zf.infolist():
-            dest = (out_dir / member.filename).resolve()
-            if root != dest and root not in dest.parents:
-                raise DownloadError(f"{archive}: member {member.filename!r} would extract outside {out_dir}")
-        zf.extractall(out_dir)
+    """Extract and verify: CRCs are checked as members are read, sizes on disk afterwards."""
+    try:
+        with zipfile.ZipFile(archive) as zf:
+            root = out_dir.resolve()
+            members = zf.infolist()
+            for member in members:
+                dest = (out_dir / member.filename).resolve()
+                if root != dest and root not in dest.parents:
+                    raise DownloadError(f"{archive}: member {member.filename!r} would extract outside {out_dir}")
+            zf.extractall(out_dir)
+            for member in members:
+                dest = out_dir / member.filename
+                if not member.is_dir() and (not dest.is_file() or dest.stat().st_size != member.file_size):
+                    raise DownloadError(f"{archive}: {member.filename} did not extract whole")
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError) as err:
+        raise DownloadError(f"{archive}: corrupt zip ({type(err).__name__}: {err})") from None
 
 
 def download_coco_val(
@@ -96,9 +107,9 @@ def download_coco_val(
     fetched = not archive.exists()
     if fetched:
         try:
-            _fetch(url, archive, timeout)
-        except OSError as err:
-            raise DownloadError(f"download of {url} failed: {err}") from None
+            _fetch(url, archive, timeout, size)
+        except FetchError as err:
+            raise DownloadError(str(err)) from None
     actual_size = archive.stat().st_size
     got_md5, got_sha = _digests(archive)
     problems = []
@@ -112,15 +123,23 @@ def download_coco_val(
                                 "the file was already there and is left as it is (move it away to download)")
         archive.unlink()
         raise DownloadError(f"{url}: checksum verification failed ({'; '.join(problems)}); the file was removed")
-    with atomic.atomic_dir(images_dir, "coco-val", force=force) as tmp:
-        _safe_extract(archive, tmp)
-        extracted = tmp / stem
-        if not extracted.is_dir():
-            raise DownloadError(f"{archive}: expected a top-level folder {stem}/ in the archive")
-        for p in extracted.iterdir():
-            os.replace(p, tmp / p.name)
-        extracted.rmdir()
-    n = sum(1 for p in images_dir.iterdir() if p.suffix.lower() == ".jpg")
-    if expected_images is not None and n != expected_images:
-        raise DownloadError(f"{images_dir}: {n} JPEGs extracted, expected {expected_images}")
+    try:
+        with atomic.atomic_dir(images_dir, "coco-val", force=force) as tmp:
+            _safe_extract(archive, tmp)
+            extracted = tmp / stem
+            if not extracted.is_dir():
+                raise DownloadError(f"{archive}: expected a top-level folder {stem}/ in the archive")
+            for p in extracted.iterdir():
+                os.replace(p, tmp / p.name)
+            extracted.rmdir()
+            n = sum(1 for p in tmp.iterdir() if p.suffix.lower() == ".jpg")
+            if expected_images is not None and n != expected_images:
+                raise DownloadError(f"{archive}: {n} JPEGs extracted, expected {expected_images}")
+            # What was fetched, recorded beside what it unpacked to (written last: marks it whole).
+            atomic.write_json(tmp / FETCH_RECORD, {"url": url, "bytes": actual_size, "md5": got_md5,
+                                                   "sha256": got_sha})
+    except DownloadError as err:
+        if fetched:  # ours and unusable: gone, so the next run downloads it again
+            archive.unlink(missing_ok=True)
+        raise DownloadError(f"{err}{'; the download was removed' if fetched else ''}") from None
     return Downloaded(archive, images_dir, n, got_md5, got_sha)

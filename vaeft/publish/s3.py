@@ -15,17 +15,29 @@ its own self-contained prefix::
 ``<version>`` is the release version of :func:`vaeft.publish.local.release_version` (a hash of the
 export's SHA256SUMS), so the same export always lands at the same keys.
 
-Guarantees: every object carries its sha256 in metadata (``x-amz-meta-sha256``) and is read back
-and hashed after upload; an object already present with the same sha256 is skipped (re-runs upload
-nothing); an object present with a different sha256 raises :class:`PublishConflictError` and is
-never overwritten. Throttling, 5xx and connection errors are retried with exponential backoff by
-botocore's ``standard`` retry mode. Credentials come only from the standard AWS chain
-(environment, shared config/credentials files, instance/container roles): nothing here accepts,
-logs or records them.
+Guarantees:
+
+* Content, not claims, decides. Objects are uploaded with S3's own SHA-256 checksum
+  (``ChecksumAlgorithm='SHA256'``, checked by the store on receipt) and read back and hashed after
+  upload. An object already at a key counts as ours only when its *bytes* hash to the digest: its
+  full-object ``ChecksumSHA256`` when the store kept one, else a re-hash of its body. The
+  ``x-amz-meta-sha256`` metadata is written for people, never trusted.
+* No half release. Every key of every model is checked before anything is uploaded; any conflict
+  (a different object at one of the release's keys) fails the whole publish with nothing written,
+  and names every conflicting key.
+* Incomplete multipart uploads left at this release's keys by an earlier killed run are aborted
+  first, and this run's own are aborted if it fails.
+* Failures are one line (:class:`S3PublishError`, a :class:`VaeftError`), never a botocore
+  traceback. Throttling, 5xx and connection errors are first retried with exponential backoff by
+  botocore's ``standard`` retry mode.
+
+Credentials come only from the standard AWS chain (environment, shared config/credentials files,
+instance/container roles): nothing here accepts, logs or records them.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -33,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from vaeft.console import console
+from vaeft.errors import VaeftError
 from vaeft.export.release import SUMS_FILE, verify_sums
 from vaeft.hashing import file_sha256
 from vaeft.publish.local import PublishConflictError, release_version
@@ -43,7 +56,11 @@ RECEIPTS_DIR = "receipts"
 _CHUNK = 1 << 20
 
 
-class PublishVerifyError(RuntimeError):
+class S3PublishError(VaeftError, RuntimeError):
+    """Publishing to S3 failed (the store refused, was unreachable, or lost bytes)."""
+
+
+class PublishVerifyError(S3PublishError):
     """An object's bytes in the store do not hash to what was uploaded."""
 
 
@@ -95,18 +112,25 @@ def _transfer_config(target: S3Target) -> Any:
 
 
 def _remote_sha256(client: Any, bucket: str, key: str) -> str | None:
-    """The sha256 recorded on an existing object; None when absent. Objects we did not write
-    (no metadata) get hashed from their bytes, so a foreign object still counts as a conflict."""
+    """The sha256 of an existing object's bytes; None when there is no object.
+
+    A single-part object's ``ChecksumSHA256`` is the store's own hash of the bytes; a multipart
+    object, or one without a checksum, is read back and hashed.
+    """
     from botocore.exceptions import ClientError
 
     try:
-        head = client.head_object(Bucket=bucket, Key=key)
+        head = client.head_object(Bucket=bucket, Key=key, ChecksumMode="ENABLED")
     except ClientError as err:
         if err.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
             return None
         raise
-    meta = head.get("Metadata", {}).get(SHA_META)
-    return meta or _download_sha256(client, bucket, key)
+    checksum = head.get("ChecksumSHA256")
+    # Only a single-part object's checksum is the hash of its bytes; a multipart one (ETag "…-N")
+    # is a hash of part hashes, whatever ChecksumType a store reports.
+    if checksum and "-" not in checksum and "-" not in head.get("ETag", "").strip('"'):
+        return base64.b64decode(checksum).hex()
+    return _download_sha256(client, bucket, key)
 
 
 def _download_sha256(client: Any, bucket: str, key: str) -> str:
@@ -117,32 +141,53 @@ def _download_sha256(client: Any, bucket: str, key: str) -> str:
     return h.hexdigest()
 
 
+@dataclass(frozen=True)
+class _Planned:
+    key: str
+    path: Path
+    sha256: str
+
+
+def _check(client: Any, target: S3Target, plan: list[_Planned]) -> list[_Planned]:
+    """The planned objects still to upload; every conflict at once, before anything is written."""
+    todo, conflicts = [], []
+    for p in plan:
+        existing = _remote_sha256(client, target.bucket, p.key)
+        if existing is None:
+            todo.append(p)
+        elif existing != p.sha256:
+            conflicts.append(f"{target.uri(p.key)} (has sha256 {existing[:12]}…, this release {p.sha256[:12]}…)")
+    if conflicts:
+        more = f" and {len(conflicts) - 3} more" if len(conflicts) > 3 else ""
+        raise PublishConflictError(f"{len(conflicts)} key(s) of release hold other objects: {'; '.join(conflicts[:3])}"
+                                   f"{more}; refusing to overwrite a published version, nothing was uploaded")
+    return todo
+
+
+def _abort_incomplete(client: Any, target: S3Target, keys: set[str], prefixes: list[str]) -> list[str]:
+    """Abort the multipart uploads left open at this release's keys (by a killed or failed run)."""
+    aborted = []
+    for prefix in prefixes:
+        for page in client.get_paginator("list_multipart_uploads").paginate(Bucket=target.bucket, Prefix=prefix):
+            for up in page.get("Uploads", []):
+                if up["Key"] in keys:
+                    client.abort_multipart_upload(Bucket=target.bucket, Key=up["Key"], UploadId=up["UploadId"])
+                    aborted.append(target.uri(up["Key"]))
+    return aborted
+
+
 def put_file(client: Any, target: S3Target, path: Path, key: str, result: S3PublishResult,
              sha256: str | None = None) -> None:
-    """Upload one file idempotently: skip an identical object, refuse a different one, verify."""
+    """Upload one file (the store checks its SHA-256 on receipt), then hash what it stored."""
     digest = sha256 or file_sha256(path)
     uri = target.uri(key)
-    existing = _remote_sha256(client, target.bucket, key)
-    if existing == digest:
-        result.skipped.append(uri)
-        return
-    if existing is not None:
-        raise PublishConflictError(f"{uri} exists with sha256 {existing[:12]}…, this release has "
-                                   f"{digest[:12]}…; refusing to overwrite a published version")
     client.upload_file(str(path), target.bucket, key, Config=_transfer_config(target),
-                       ExtraArgs={"Metadata": {SHA_META: digest}})
-    # Read the bytes back: metadata alone only says what we meant to store.
+                       ExtraArgs={"Metadata": {SHA_META: digest}, "ChecksumAlgorithm": "SHA256"})
+    # Read the bytes back: what was sent is not proof of what was kept.
     got = _download_sha256(client, target.bucket, key)
     if got != digest:
         raise PublishVerifyError(f"{uri}: stored bytes hash to {got[:12]}…, expected {digest[:12]}…")
     result.uploaded.append(uri)
-
-
-def put_bytes(client: Any, target: S3Target, data: bytes, key: str, result: S3PublishResult,
-              tmp_dir: Path) -> None:
-    path = tmp_dir / hashlib.sha256(key.encode()).hexdigest()
-    path.write_bytes(data)
-    put_file(client, target, path, key, result)
 
 
 def _sums(export_dir: Path) -> list[tuple[str, str]]:
@@ -175,24 +220,61 @@ def publish_s3(export_dir: str | Path, target: S3Target, receipt: bytes | None =
             raise ValueError(f"{export_dir}/{rel}: files at the export root cannot be published per model")
         per_model.setdefault(model, []).append((digest, inner))
 
+    from botocore.exceptions import BotoCoreError, ClientError
+
     with tempfile.TemporaryDirectory(prefix="vaeft-publish-") as tmp:
         tmp_dir = Path(tmp)
+
+        def blob(data: bytes) -> tuple[Path, str]:
+            digest = hashlib.sha256(data).hexdigest()
+            path = tmp_dir / digest
+            path.write_bytes(data)
+            return path, digest
+
+        plan: list[_Planned] = []
+        prefixes = []
         for model, files in per_model.items():
             base = target.key(model, version)
-            for digest, inner in files:
-                put_file(client, target, export_dir / model / inner, f"{base}/{inner}", result, digest)
-            sums = "".join(f"{d}  {rel}\n" for d, rel in files).encode()
-            put_bytes(client, target, sums, f"{base}/{SUMS_FILE}", result, tmp_dir)
+            prefixes.append(base + "/")
+            plan += [_Planned(f"{base}/{inner}", export_dir / model / inner, digest) for digest, inner in files]
+            plan.append(_Planned(f"{base}/{SUMS_FILE}", *blob("".join(f"{d}  {rel}\n" for d, rel in files).encode())))
             if receipt is not None:
-                put_bytes(client, target, receipt, f"{base}/{RECEIPTS_DIR}/{receipt_name}.json", result, tmp_dir)
+                plan.append(_Planned(f"{base}/{RECEIPTS_DIR}/{receipt_name}.json", *blob(receipt)))
             result.models[model] = target.uri(base + "/")
         rel_base = target.key(RELEASE_DIR, version)
-        put_file(client, target, export_dir / SUMS_FILE, f"{rel_base}/{SUMS_FILE}", result)
+        prefixes.append(rel_base + "/")
+        plan.append(_Planned(f"{rel_base}/{SUMS_FILE}", export_dir / SUMS_FILE, file_sha256(export_dir / SUMS_FILE)))
         if receipt is not None:
-            put_bytes(client, target, receipt, f"{rel_base}/{RECEIPTS_DIR}/{receipt_name}.json", result, tmp_dir)
+            plan.append(_Planned(f"{rel_base}/{RECEIPTS_DIR}/{receipt_name}.json", *blob(receipt)))
+        keys = {p.key for p in plan}
+        try:
+            aborted = _abort_incomplete(client, target, keys, prefixes)
+            todo = _check(client, target, plan)
+            pending = {p.key for p in todo}
+            result.skipped += [target.uri(p.key) for p in plan if p.key not in pending]
+            try:
+                for p in todo:
+                    put_file(client, target, p.path, p.key, result, p.sha256)
+            except BaseException:
+                try:
+                    _abort_incomplete(client, target, keys, prefixes)
+                except (BotoCoreError, ClientError):
+                    pass  # the original error matters more; the next run aborts them
+                raise
+        except (BotoCoreError, ClientError) as err:
+            raise S3PublishError(f"publish to s3://{target.bucket}/{target.prefix}: {_one_line(err)}") from None
+    note = f", {len(aborted)} incomplete multipart upload(s) aborted" if aborted else ""
     console.print(f"publish s3: release {version}: {len(result.uploaded)} uploaded, "
-                  f"{len(result.skipped)} already present")
+                  f"{len(result.skipped)} already present{note}")
     return result
+
+
+def _one_line(err: Exception) -> str:
+    response = getattr(err, "response", None)
+    if isinstance(response, dict) and response.get("Error"):
+        e = response["Error"]
+        return f"{type(err).__name__}: {e.get('Code', '?')} {e.get('Message', '')}".strip()
+    return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
 
 
 def planned_uris(export_dir: str | Path, target: S3Target) -> dict[str, str]:

@@ -16,6 +16,7 @@ user brings with ``vaeft weights add`` are registered in ``<store>/registry.loca
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,6 +56,14 @@ class WeightFile:
 
 
 @dataclass(frozen=True)
+class HubSource:
+    """A Hugging Face Hub repo at a pinned revision (a commit hash, so the bytes cannot move)."""
+
+    repo: str
+    revision: str
+
+
+@dataclass(frozen=True)
 class WeightSpec:
     name: str
     path: str  # the file, or the folder of a multi-file entry, inside the store
@@ -62,6 +71,7 @@ class WeightSpec:
     description: str = ""
     layout: str | None = None  # "diffusers" / "ldm" for models, None for other weights
     extract: bool = False  # a zip whose members are unpacked beside it after verification
+    hub: HubSource | None = None  # fetched through huggingface_hub instead of the URLs
 
     @property
     def filename(self) -> str:  # the name earlier code used
@@ -86,8 +96,14 @@ def _parse_entry(name: str, entry: dict, source: Path) -> WeightSpec:
             )
         else:
             files = (WeightFile(root, entry.get("url"), entry.get("sha256"), entry.get("sha256_prefix"), entry.get("size")),)
+        hub = None
+        if entry.get("hub"):
+            hub = HubSource(entry["hub"]["repo"], entry["hub"]["revision"])
+            if not re.fullmatch(r"[0-9a-f]{40}", hub.revision):
+                raise RegistryError(f"{source}: entry {name!r}: hub revision must be a 40-hex commit hash, "
+                                    f"not {hub.revision!r} (a branch can move)")
         return WeightSpec(name, root, files, entry.get("description", ""), entry.get("layout"),
-                          bool(entry.get("extract", False)))
+                          bool(entry.get("extract", False)), hub)
     except (KeyError, TypeError) as err:
         raise RegistryError(f"{source}: malformed entry {name!r} ({err!r})") from err
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,7 +12,7 @@ import yaml
 from vaeft import atomic
 from vaeft.errors import VaeftError
 from vaeft.weights import LOCAL_REGISTRY, WeightFile, WeightSpec, registry, spec, weights_dir
-from vaeft.weights.download import DigestMismatchError, Progress, fetch
+from vaeft.weights.download import DigestMismatchError, DownloadError, Progress, fetch
 from vaeft.weights.verify import digest_matches, file_sha256, record, recorded_digest
 
 
@@ -85,18 +86,24 @@ def pull(
             dest = store / f.path
             if dest.is_file():
                 st = file_status(f, rehash=recorded_digest(store, f.path) is None)
-                if st.verified or (st.verified is None and st.pinned == "none"):
+                if (st.verified or (st.verified is None and st.pinned == "none")) and \
+                        (not s.extract or recorded_digest(store, f.path) is not None):
                     skipped.append(f.path)
                     continue
                 dest.unlink()  # present but wrong: fetch again
-            if not f.url:
+            if not f.url and s.hub is None:
                 raise VaeftError(f"weights {s.name!r}: {f.path} has no URL; bring it with `vaeft weights add`")
             progress: Progress | None = progress_factory(f"{s.name}: {Path(f.path).name}") if progress_factory else None
-            got = fetch(f.url, dest, f.sha256, f.sha256_prefix, retries=retries, backoff=backoff, progress=progress)
-            record(store, f.path, got.sha256)
-            done.append(f.path)
+            if s.hub is not None:
+                got_digest = _pull_hub(s, f, dest)
+            else:
+                got_digest = fetch(f.url, dest, f.sha256, f.sha256_prefix, retries=retries, backoff=backoff,
+                                   progress=progress, size=f.size).sha256
             if s.extract:
-                extract_zip(dest)
+                _extract_or_discard(dest)
+            # Only now: a zip that does not unpack is never marked verified, so the next pull retries it.
+            record(store, f.path, got_digest)
+            done.append(f.path)
         results.append(PullResult(s.name, done, skipped))
     return results
 
@@ -134,9 +141,9 @@ def add(name: str, source: str | Path, description: str = "") -> WeightSpec:
             digests[f.path] = digest
         for f, src in pairs:
             _copy(src, store / f.path)
-            record(store, f.path, digests[f.path])
             if s.extract:
-                extract_zip(store / f.path)
+                _extract_or_discard(store / f.path)
+            record(store, f.path, digests[f.path])
         return s
     if not source.is_file():
         raise VaeftError(f"{source}: a new weights entry must be one file")
@@ -154,22 +161,82 @@ def add(name: str, source: str | Path, description: str = "") -> WeightSpec:
 
 
 def extract_zip(archive: Path) -> list[Path]:
-    """Unpack a verified zip beside itself; members that would land outside that folder are refused."""
+    """Unpack a zip beside itself and verify what was unpacked.
+
+    Members that would land outside that folder are refused. Each member is checked as it is
+    written (zipfile raises on a CRC mismatch at its end) and again on disk afterwards (size), so
+    a truncated or corrupt archive is an error, never a silently short file.
+    """
     import zipfile
+    import zlib
 
     root = archive.parent.resolve()
     out = []
-    with zipfile.ZipFile(archive) as zf:
-        for member in zf.infolist():
-            target = (root / member.filename).resolve()
-            if root not in target.parents:
-                raise VaeftError(f"{archive}: member {member.filename!r} would extract outside {root}")
-            if member.is_dir():
-                continue
-            with zf.open(member) as src, atomic.atomic_path(target) as tmp, open(tmp, "wb") as dst:
-                shutil.copyfileobj(src, dst)
-            out.append(target)
+    try:
+        with zipfile.ZipFile(archive) as zf:
+            members = zf.infolist()
+            for member in members:
+                target = (root / member.filename).resolve()
+                if root not in target.parents:
+                    raise VaeftError(f"{archive}: member {member.filename!r} would extract outside {root}")
+            for member in members:
+                if member.is_dir():
+                    continue
+                target = (root / member.filename).resolve()
+                with zf.open(member) as src, atomic.atomic_path(target) as tmp, open(tmp, "wb") as dst:
+                    shutil.copyfileobj(src, dst)
+                out.append(target)
+            for member, target in zip([m for m in members if not m.is_dir()], out, strict=True):
+                if target.stat().st_size != member.file_size:
+                    raise ZipVerifyError(f"{archive}: {member.filename} unpacked to {target.stat().st_size} bytes, "
+                                         f"expected {member.file_size}")
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, EOFError, OSError, ValueError) as err:
+        raise ZipVerifyError(f"{archive}: not a valid zip ({type(err).__name__}: {err})") from None
     return out
+
+
+class ZipVerifyError(VaeftError):
+    pass
+
+
+def _extract_or_discard(archive: Path) -> None:
+    """Extract; on failure remove the archive, so a corrupt download is fetched again next time."""
+    try:
+        extract_zip(archive)
+    except ZipVerifyError as err:
+        archive.unlink(missing_ok=True)
+        raise ZipVerifyError(f"{err}; the archive was deleted: pull again") from None
+
+
+def _pull_hub(s: WeightSpec, f: WeightFile, dest: Path) -> str:
+    """One file of a Hugging Face Hub repo at its pinned revision, through ``huggingface_hub``.
+
+    Its cache (``$HF_HOME``) and resumable downloads do the fetching, and ``HF_HUB_OFFLINE=1``
+    serves a populated cache without the network; the store gets a verified copy.
+    """
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    assert s.hub is not None
+    filename = str(Path(f.path).relative_to(s.path)) if len(s.files) > 1 else Path(f.path).name
+    # Read at call time (huggingface_hub reads its environment once, at import).
+    offline = os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+    cache = os.environ.get("HF_HUB_CACHE") or (os.path.join(os.environ["HF_HOME"], "hub") if os.environ.get("HF_HOME") else None)
+    try:
+        cached = Path(hf_hub_download(s.hub.repo, filename, revision=s.hub.revision, cache_dir=cache,
+                                      local_files_only=offline))
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as err:
+        raise DownloadError(f"weights {s.name!r}: {s.hub.repo}@{s.hub.revision}/{filename}: "
+                            f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from None
+    digest = file_sha256(cached)
+    if not digest_matches(digest, f.sha256, f.sha256_prefix):
+        raise DigestMismatchError(f"{s.hub.repo}@{s.hub.revision}/{filename}: sha256 {digest} does not match "
+                                  f"the pinned {f.sha256 or f.sha256_prefix}; the store was not changed")
+    if f.size is not None and cached.stat().st_size != f.size:
+        raise DownloadError(f"{s.hub.repo}@{s.hub.revision}/{filename}: {cached.stat().st_size} bytes, "
+                            f"expected {f.size}")
+    _copy(cached, dest)
+    return digest
 
 
 def _copy(src: Path, dest: Path) -> None:
