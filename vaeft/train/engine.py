@@ -15,6 +15,8 @@ resume, skipped steps, logs and checkpoints. Helpers: :mod:`.distributed`, :mod:
 from __future__ import annotations
 
 import math
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +59,39 @@ class NonFiniteError(VaeftError, RuntimeError):
 
 class ReplicaMismatchError(VaeftError, RuntimeError):
     pass
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped training after a whole step; the message says where and how to resume."""
+
+
+class _DeferredInterrupt:
+    """Turn the first SIGINT into a flag the loop reads between steps.
+
+    Stopping inside a step could leave the optimizer stepped and the EMA not, which a checkpoint
+    must never capture; a second Ctrl-C still interrupts at once. Only single-process runs: the
+    ranks of a torchrun job would see the signal at different steps and disagree on the last
+    collective, so they keep the default behaviour (resume from the last periodic checkpoint).
+    """
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+        self.hit = False
+        self._previous = None
+
+    def _handler(self, signum, frame) -> None:
+        if self.hit:
+            raise KeyboardInterrupt
+        self.hit = True
+
+    def __enter__(self) -> _DeferredInterrupt:
+        if self.enabled:
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.enabled:
+            signal.signal(signal.SIGINT, self._previous)
 
 
 @dataclass(frozen=True)
@@ -195,9 +230,17 @@ def _train(phase: str, params: Params, cfg: TrainPhaseParams, ctx: dist_.DistCon
     acc = cfg.accumulate
     loader = iter(train_batches(data_dir, params.augment, params.seed, cfg.batch_size, start * acc, cfg.steps * acc,
                                 cfg.num_workers, rank=ctx.rank, world_size=ctx.world_size, crops_dir=crops_dir))
-    with progress() as bar:
+    interrupt = _DeferredInterrupt(not ctx.enabled)
+    with progress() as bar, interrupt:
         task = bar.add_task(f"train {phase}", total=cfg.steps, completed=start, info="", visible=main)
         for step in range(start, cfg.steps):
+            if interrupt.hit:
+                _save_checkpoint(ctx, store, step, vae, opt, ema, loss_fn, gan, scaler, noise, skipped, log_rows)
+                message = (f"interrupted at step {step} of {cfg.steps}; checkpoint in {store.dir}; "
+                           f"run the same command to resume")
+                # Printed here: the CLI framework turns Ctrl-C into a bare exit status 130.
+                console.print(f"[red]{message}[/]")
+                raise TrainingInterrupted(message)
             result = runner(step, loader)
             logs, grad_norm = result.logs, result.grad_norm
             if not result.ok:
@@ -223,7 +266,10 @@ def _train(phase: str, params: Params, cfg: TrainPhaseParams, ctx: dist_.DistCon
                 t_window, n_window = now, 0
                 if main:
                     log_rows.append(row)
-                    print_row(phase, row)
+                    elapsed = time.perf_counter() - t0
+                    print_row(phase, row, cfg.steps, elapsed / (done - start) * (cfg.steps - done))
+                    if log_file is not None:  # as it goes, so a live run can be plotted
+                        _write_logs(log_file, log_rows)
                     if tb is not None:
                         for k, v in row.items():
                             if k != "step":
@@ -251,8 +297,7 @@ def _train(phase: str, params: Params, cfg: TrainPhaseParams, ctx: dist_.DistCon
         )
         provenance.record_run(out_dir, f"train-{phase}")
         if log_file is not None:
-            atomic.write_text(log_file, log_csv(log_rows, drop=PERF_COLUMNS))
-            atomic.write_text(perf_log_path(log_file), log_csv(log_rows, columns=PERF_COLUMNS))
+            _write_logs(log_file, log_rows)
         if tb is not None:
             tb.close()
         store.clear()
@@ -260,6 +305,11 @@ def _train(phase: str, params: Params, cfg: TrainPhaseParams, ctx: dist_.DistCon
                       f"{ctx.world_size} replica(s) identical -> {out_dir}")
     dist_.barrier(ctx)
     return TrainResult(phase, out_dir, cfg.steps, start, skipped, last_loss, seconds)
+
+
+def _write_logs(log_file: Path, log_rows: list[dict]) -> None:
+    atomic.write_text(log_file, log_csv(log_rows, drop=PERF_COLUMNS))
+    atomic.write_text(perf_log_path(log_file), log_csv(log_rows, columns=PERF_COLUMNS))
 
 
 def _save_checkpoint(ctx, store, step, vae, opt, ema, loss_fn, gan, scaler, noise, skipped, log_rows) -> None:
