@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
@@ -12,7 +13,6 @@ from vaeft.cli.common import (
     DEFAULT_PARAMS_FILE,
     ForceOpt,
     ParamsOpt,
-    UsageError,
     app,
     load,
     named_paths,
@@ -92,9 +92,14 @@ def pretrain(
     prepare_base(p, data, out, log, state_dir, crops_dir=crops, force=force)
 
 
+class FinetunePhase(str, Enum):
+    ema = "ema"
+    mse = "mse"
+
+
 @app.command()
 def train(
-    phase: Annotated[str, typer.Argument(help="training phase: ema or mse (pretrain: see `vaeft pretrain`)")],
+    phase: Annotated[FinetunePhase, typer.Argument(help="fine-tune phase (the base model: `vaeft pretrain`)")],
     init: Annotated[Path, typer.Option(help="model to start from (diffusers folder or LDM file)")],
     params: ParamsOpt = DEFAULT_PARAMS_FILE,
     data: Annotated[Path, typer.Option(help="curated data directory")] = Path("data/curated"),
@@ -111,8 +116,7 @@ def train(
     """
     from vaeft.train.engine import check_outputs, train_phase
 
-    if phase not in ("ema", "mse"):
-        raise UsageError(f"unknown phase {phase!r}: expected 'ema' or 'mse'")
+    phase = phase.value
     p = load(params)
     require(data, "data directory")
     require(init, "init model")
