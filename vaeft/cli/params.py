@@ -65,3 +65,19 @@ def recipe_apply(
     load(recipes[name])
     atomic.write_bytes(out, recipes[name].read_bytes())
     typer.echo(f"wrote {out} from recipe {name}; run `dvc repro` to train it")
+
+
+@params_app.command("reference")
+def params_reference_cmd(
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="markdown file to write (default: print)")] = None,
+) -> None:
+    """The params reference (every key: type, default, meaning), generated from the typed schema."""
+    from vaeft.cli.reference import params_reference
+
+    text = params_reference()
+    if out is None:
+        typer.echo(text, nl=False)
+        return
+    atomic.check_file_target(out, (".md",))
+    atomic.write_text(out, text)
+    typer.echo(f"wrote {out}")
