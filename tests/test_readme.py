@@ -75,3 +75,11 @@ def test_recipe_apply_keeps_an_edited_params_file(tmp_path):
     assert (tmp_path / "params.yaml.bak.1").read_text() == "seed: 4\n"
     again = runner.invoke(app, ["recipe", "apply", "sd-vae-ft", "--out", str(out)])
     assert "kept as" not in again.output and not (tmp_path / "params.yaml.bak.2").exists()  # same bytes: nothing to keep
+
+
+def test_comparison_grid_tells_the_input_from_the_base_model():
+    from vaeft.figures import column_labels
+
+    labels = column_labels(["original", "ft-ema", "ft-mse"])
+    assert labels[0] == "input" and len(set(labels)) == len(labels)
+    assert len(set(column_labels(["input", "original"]))) == 3
