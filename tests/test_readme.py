@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 
 from vaeft.cli import app
 from vaeft.config import parse_params
+from vaeft.errors import VaeftError
 from vaeft.runtime_env import PROJECT_ROOT
 from vaeft.weights import weights_dir
 
@@ -83,3 +84,16 @@ def test_comparison_grid_tells_the_input_from_the_base_model():
     labels = column_labels(["original", "ft-ema", "ft-mse"])
     assert labels[0] == "input" and len(set(labels)) == len(labels)
     assert len(set(column_labels(["input", "original"]))) == 3
+
+
+def test_missing_base_names_the_pull_command(tmp_path, monkeypatch, tiny_raw, curated):
+    tiny_raw["model"]["base"] = "weights/kl-f8"  # as the sd-vae-ft recipe has it
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(tiny_raw))
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["pretrain", "--params", str(params), "--data", str(curated),
+                                      "--out", str(tmp_path / "base")])
+    assert isinstance(result.exception, VaeftError)  # one line, exit 2, through vaeft.cli.main
+    assert "model.base weights/kl-f8 does not exist" in str(result.exception)
+    assert "`vaeft weights pull kl-f8`" in str(result.exception)
+    assert not (tmp_path / "base").exists()

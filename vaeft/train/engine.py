@@ -350,6 +350,10 @@ def prepare_base(
     if params.model.base is None:
         return train_phase("pretrain", params, data_dir, out_dir, None, log_file, state_root, crops_dir=crops_dir,
                            force=force)
+    if not Path(params.model.base).exists():
+        from vaeft.weights import missing_model_hint
+
+        raise VaeftError(f"model.base {missing_model_hint(params.model.base)}")
     check_outputs(out_dir, log_file, [data_dir, params.model.base, crops_dir], force)
     banner("pretrain", f"model.base is set: importing {params.model.base} (no pretraining)")
     t0 = time.perf_counter()
