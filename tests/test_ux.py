@@ -1,4 +1,4 @@
-"""The README's "Your own images" section against reality: its snippets run, its claims hold."""
+"""A new user's path: the README's "Your own images" section against reality, and the messages on the way."""
 
 from __future__ import annotations
 
@@ -97,3 +97,21 @@ def test_missing_base_names_the_pull_command(tmp_path, monkeypatch, tiny_raw, cu
     assert "model.base weights/kl-f8 does not exist" in str(result.exception)
     assert "`vaeft weights pull kl-f8`" in str(result.exception)
     assert not (tmp_path / "base").exists()
+
+
+def test_flow_refuses_bad_invocations_in_one_line_before_prefect_starts(tmp_path):
+    bad = tmp_path / "params.yaml"
+    bad.write_text("seed: 0\ntrian: {}\n")  # a typo'd key
+    env = {**__import__("os").environ, "PREFECT_HOME": str(tmp_path / "prefect-home")}
+    for args, expected in ((["--recipe", "nope"], "error: recipe 'nope': no recipes/nope.yaml"),
+                           (["--params-file", str(bad)], "trian")):
+        proc = subprocess.run([sys.executable, "-m", "flows.retrain", *args], cwd=REPO_ROOT, env=env,
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], proc.stderr[-2000:]
+        assert "Value error" not in lines[0] and "flow parameter flow" not in lines[0]
+    # Refused before the flow ran: no Prefect server was started, no params were copied.
+    home = tmp_path / "prefect-home"
+    assert not home.exists() or not any(home.iterdir())  # Prefect makes its home on import, nothing more
+    assert "trian" not in (REPO_ROOT / "params.yaml").read_text()
