@@ -115,3 +115,19 @@ def test_flow_refuses_bad_invocations_in_one_line_before_prefect_starts(tmp_path
     home = tmp_path / "prefect-home"
     assert not home.exists() or not any(home.iterdir())  # Prefect makes its home on import, nothing more
     assert "trian" not in (REPO_ROOT / "params.yaml").read_text()
+
+
+def test_data_prepare_names_the_inner_folder_and_warns_on_upscaling(tmp_path, capsys):
+    from PIL import Image
+
+    from vaeft.data.evalset import EvalSetError, prepare_eval_set
+
+    coco = tmp_path / "coco"
+    (coco / "val2017").mkdir(parents=True)
+    Image.new("RGB", (80, 60), (9, 9, 9)).save(coco / "val2017" / "a.png")
+    Image.new("RGB", (300, 200), (9, 9, 9)).save(coco / "val2017" / "b.png")
+    with __import__("pytest").raises(EvalSetError, match=r"no images .*; they are in .*val2017"):
+        prepare_eval_set(coco, tmp_path / "out", 128)
+    result = prepare_eval_set(coco / "val2017", tmp_path / "out", 128)
+    assert result.n_images == 2 and result.n_upscaled == 1
+    assert "1 image(s) smaller than 128 were upscaled" in capsys.readouterr().err.replace("\n", " ")
