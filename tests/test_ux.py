@@ -131,3 +131,20 @@ def test_data_prepare_names_the_inner_folder_and_warns_on_upscaling(tmp_path, ca
     result = prepare_eval_set(coco / "val2017", tmp_path / "out", 128)
     assert result.n_images == 2 and result.n_upscaled == 1
     assert "1 image(s) smaller than 128 were upscaled" in capsys.readouterr().err.replace("\n", " ")
+
+
+def test_cli_publish_writes_a_receipt(tmp_path, base_model, monkeypatch):
+    import json
+
+    from vaeft.config import ExportParams
+    from vaeft.export.release import export_models
+
+    export_models(ExportParams(), {"ft": base_model}, tmp_path / "export")
+    (tmp_path / "params.yaml").write_text("seed: 0\n")
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["publish", "--export", "export", "--to", "pub"])
+    assert result.exit_code == 0, result.output
+    receipts = list((tmp_path / "pub").glob("*/receipts/*.json"))
+    assert len(receipts) == 1 and f"(receipt {receipts[0].relative_to(tmp_path)})" in result.output
+    receipt = json.loads(receipts[0].read_text())
+    assert set(receipt["outputs_sha256"]) and receipt["params"]["seed"] == 0

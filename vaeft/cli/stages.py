@@ -167,9 +167,15 @@ def publish(
     to: Annotated[Path | None, typer.Option("--to", help="target directory [params publish.target]")] = None,
     params: ParamsOpt = DEFAULT_PARAMS_FILE,
 ) -> None:
-    """Publish an export to a local directory (content-addressed, idempotent)."""
-    from vaeft.publish.local import publish_local
+    """Publish an export to a local directory (content-addressed, idempotent), with a receipt
+    (commit, params, output digests, metrics, environment) in <target>/<version>/receipts/."""
+    from vaeft.publish.local import publish_local, release_version
+    from vaeft.publish.receipt import build_receipt, write_receipt
 
     target = to if to is not None else Path(load(params).publish.target)
-    result = publish_local(require(export_dir, "export directory"), target)
-    typer.echo(str(result.path))
+    require(export_dir, "export directory")
+    # The project is where the params file is: its git commit, dvc.lock and metrics go in the receipt.
+    receipt = build_receipt(params.resolve().parent, export_dir,
+                            {"local": str(target / release_version(export_dir))})
+    result = publish_local(export_dir, target)
+    typer.echo(f"{result.path} (receipt {write_receipt(receipt, result.path)})")
