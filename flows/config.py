@@ -80,8 +80,11 @@ def flow_config(**kwargs: object) -> FlowConfig:
         return FlowConfig(**{k: v for k, v in kwargs.items() if v is not None})
     except ValidationError as err:
         first = err.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "flow"
-        raise ParamsError(f"flow parameter {where}: {first['msg']}") from None
+        where = ".".join(str(p) for p in first["loc"])
+        # Cross-field checks (recipe, params_file, repo) have no location and pydantic prefixes
+        # their message with "Value error, ": the message already names the parameter.
+        msg = first["msg"].removeprefix("Value error, ")
+        raise ParamsError(f"flow parameter {where}: {msg}" if where else msg) from None
 
 
 def add_s3_arguments(ap: argparse.ArgumentParser) -> None:

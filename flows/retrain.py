@@ -23,9 +23,18 @@ from pydantic import BaseModel
 
 from flows.config import add_s3_arguments, flow_config, s3_from_args
 from flows.publish import PublishSummary, publish
-from tasks.dvc_stage import StageResult, pipeline_stages, pull_inputs, push_outputs, run_stage
+from tasks.dvc_stage import (
+    StageFailed,
+    StageResult,
+    StageUserError,
+    pipeline_stages,
+    pull_inputs,
+    push_outputs,
+    run_stage,
+)
 from vaeft import runtime_env
-from vaeft.config import HubPublishParams, ParamsError, S3PublishParams
+from vaeft.config import HubPublishParams, ParamsError, S3PublishParams, load_params
+from vaeft.errors import VaeftError
 
 runtime_env.configure()
 
@@ -104,11 +113,19 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     try:
         s3 = s3_from_args(args)
+        # Before the flow starts Prefect's server (many seconds): a typo fails at once, in one line.
+        cfg = flow_config(repo=args.repo and Path(args.repo), params_file=args.params_file and Path(args.params_file),
+                          recipe=args.recipe, dvc_remote=args.dvc_remote,
+                          publish_to=args.publish_to and Path(args.publish_to), s3=s3, gpus=args.gpus)
+        load_params(cfg.source_params())
         retrain(repo=args.repo, params_file=args.params_file, recipe=args.recipe,
                 dvc_remote=args.dvc_remote, publish_to=args.publish_to, s3=s3, gpus=args.gpus)
-    except ParamsError as err:
+    except (ParamsError, VaeftError, StageUserError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except StageFailed as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -81,3 +81,14 @@ def test_cpu_install_has_no_cuda_packages():
     names = {d.metadata["Name"].lower() for d in md.distributions()}
     assert not [n for n in names if n.startswith("nvidia-")]
     assert torch.__version__.endswith("+cpu")
+
+
+def test_help_keeps_bracketed_defaults_lists_choices_and_no_bool_metavar():
+    train = runner.invoke(app, ["train", "--help"], terminal_width=200).output
+    assert "[models/ft-PHASE]" in train and "<ema|mse>" in train
+    assert "--to <diffusers|ldm>" in runner.invoke(app, ["convert", "--help"], terminal_width=200).output
+    assert "[both]" in runner.invoke(app, ["metrics", "--help"], terminal_width=200).output
+    for cmd in (["train"], ["publish"], ["evaluate"]):
+        assert "<bool>" not in runner.invoke(app, [*cmd, "--help"]).output, cmd
+    bad = runner.invoke(app, ["train", "pretrain", "--init", "x"])
+    assert bad.exit_code == 2 and "'pretrain' is not one of 'ema', 'mse'" in bad.output

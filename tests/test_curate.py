@@ -161,6 +161,19 @@ def test_missing_source_folder_is_a_clear_error(tmp_path):
     assert not (tmp_path / "out").exists()  # nothing half-written
 
 
+def test_empty_or_all_rejected_source_says_so(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    params = DataParams(sources=[SourceParams(name="x", kind="folder", path=str(empty))],
+                        work_dir=str(tmp_path / "work"), workers=1)
+    with pytest.raises(CurationError, match=f"no images found in {empty}$"):
+        curate(params, tmp_path / "out")
+    Image.new("RGB", (80, 60)).save(empty / "small.png")
+    with pytest.raises(CurationError, match=r"no usable images in .*: all 1 rejected \(too_small 1\)"):
+        curate(params.model_copy(update={"work_dir": str(tmp_path / "work2")}), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def _tree_digests(root) -> dict[str, str]:
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(root.rglob("*")) if p.is_file()}

@@ -196,3 +196,32 @@ def test_divergence_guard_thresholds():
     assert "reconstruction loss" in guard.check_step(150.0, 50.0, 10.5)  # finite, 150x the median
     assert "gradient norm" in guard.check_step(1.0, 6000.0, 10.5)
     assert guard.check_skipped(10.6) is None and "non-finite" in guard.check_skipped(float("inf"))
+
+
+def test_ctrl_c_checkpoints_at_the_interrupt_and_the_same_command_resumes(tmp_path, curated, base_model):
+    params = _write_params(tmp_path / "params.yaml", steps=60, checkpoint_every=1000, log_every=1, keep_checkpoints=1)
+    log = tmp_path / "log.csv"
+    cmd = _train_cmd(params, base_model, curated, tmp_path / "out", tmp_path / "state") + ["--log", str(log)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    # The CSV grows while training runs: wait for a few rows, then press Ctrl-C.
+    while not log.exists() or len(log.read_text().splitlines()) < 4:
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    last = next(line for line in err.splitlines() if "interrupted at step" in line)
+    step = int(last.split("interrupted at step ")[1].split()[0])
+    assert 3 <= step < 60 and last.endswith("run the same command to resume"), last
+    assert [p.name for p in state_dir(tmp_path / "state", "ema", tmp_path / "out").glob("step-*.pt")] == [f"step-{step:09d}.pt"]
+    rows = log.read_text().splitlines()
+    assert rows[-1].startswith(f"{step},") and len(rows) == 1 + step  # every row up to the interrupt
+    assert "/60, ETA " in err  # rows carry the total and an ETA
+
+    resumed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resuming ema from step {step}" in resumed.stderr
+    assert len(log.read_text().splitlines()) == 1 + 60

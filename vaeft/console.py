@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -12,13 +14,17 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-# soft_wrap: a message is never cut into lines at the console width (80 columns off a terminal),
-# so paths and one-line errors stay whole in logs and in what tests read.
-console = Console(stderr=True, highlight=False, soft_wrap=True)
+# Off a terminal (DVC, CI, a log file) rich would wrap every line at 80 columns and cut banners,
+# hiding output paths: lines are then written whole.
+console = Console(stderr=True, highlight=False, soft_wrap=not sys.stderr.isatty())
 
 
 def banner(stage: str, detail: str = "") -> None:
-    console.rule(f"[bold cyan]vaeft {stage}[/]" + (f" [dim]{detail}[/]" if detail else ""))
+    title = f"[bold cyan]vaeft {stage}[/]" + (f" [dim]{detail}[/]" if detail else "")
+    if console.is_terminal:
+        console.rule(title)
+    else:
+        console.print(f"── {title} ──")
 
 
 def progress() -> Progress:

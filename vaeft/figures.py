@@ -23,14 +23,20 @@ def _detail_box(img: np.ndarray, crop: int) -> tuple[int, int]:
     return int(y), int(x)
 
 
+def column_labels(models: list[str]) -> list[str]:
+    """The grid's column titles: the pipeline's base model is named "original", so the input
+    column is called "input" (and, should a model take that name too, "input image")."""
+    return ["input image" if "input" in models else "input", *models]
+
+
 def comparison_grid(originals: np.ndarray, recons: dict[str, np.ndarray], max_rows: int = 4,
                     zoom: int = 4) -> Image.Image:
-    """Columns: original, then each model. Per image two rows: the full image, then a x``zoom``
+    """Columns: the input image, then each model. Per image two rows: the full image, then a x``zoom``
     nearest-neighbour crop of its most detailed region (outlined on the original)."""
     n = min(max_rows, len(originals))
     size = originals.shape[1]
     crop = max(1, size // zoom)
-    columns = [("original", originals), *recons.items()]
+    columns = list(zip(column_labels(list(recons)), [originals, *recons.values()]))
     label_h = 14
     grid = Image.new("RGB", (size * len(columns), label_h + 2 * size * n), (255, 255, 255))
     draw = ImageDraw.Draw(grid)

@@ -19,6 +19,9 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # Plain click help: rich markup would eat bracketed defaults ("[models/ft-PHASE]", "[both]")
+    # and tag every flag "<bool>".
+    rich_markup_mode=None,
 )
 
 ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="params file (YAML)")]

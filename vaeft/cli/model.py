@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from vaeft.cli.common import ForceOpt, UsageError, app, require
+from vaeft.cli.common import ForceOpt, app, require
 
 EmaOpt = Annotated[bool, typer.Option("--ema", help="take a full training checkpoint's EMA weights (model_ema.*)")]
 GroupsOpt = Annotated[
@@ -18,11 +19,16 @@ ConfigOpt = Annotated[
 ]
 
 
+class Layout(str, Enum):
+    diffusers = "diffusers"
+    ldm = "ldm"
+
+
 @app.command()
 def convert(
     src: Annotated[Path, typer.Argument(help="diffusers folder, or LDM/SD .ckpt/.safetensors file")],
     dst: Annotated[Path, typer.Argument(help="a folder (--to diffusers) or a .safetensors/.ckpt file (--to ldm)")],
-    to: Annotated[str, typer.Option("--to", help="target layout: diffusers or ldm")],
+    to: Annotated[Layout, typer.Option("--to", help="target layout")],
     ema: EmaOpt = False,
     norm_num_groups: GroupsOpt = None,
     config: ConfigOpt = None,
@@ -31,9 +37,7 @@ def convert(
     """Convert a VAE between the diffusers and LDM (CompVis) layouts; writes atomically."""
     from vaeft.model.convert import convert_model
 
-    if to not in ("diffusers", "ldm"):
-        raise UsageError(f"--to must be 'diffusers' or 'ldm', got {to!r}")
-    out = convert_model(require(src, "model"), dst, to, ema=ema, norm_num_groups=norm_num_groups, config=config,
+    out = convert_model(require(src, "model"), dst, to.value, ema=ema, norm_num_groups=norm_num_groups, config=config,
                         force=force)
     typer.echo(str(out))
 

@@ -63,5 +63,31 @@ def recipe_apply(
         raise UsageError(f"unknown recipe {name!r} (available: {', '.join(recipes) or 'none'})")
     atomic.check_file_target(out, (".yaml", ".yml"), force=force)
     load(recipes[name])
-    atomic.write_bytes(out, recipes[name].read_bytes())
-    typer.echo(f"wrote {out} from recipe {name}; run `dvc repro` to train it")
+    data = recipes[name].read_bytes()
+    kept = ""
+    if out.is_file() and out.read_bytes() != data:
+        # A params file is often edited by hand: keep it, under a name no earlier backup has.
+        backup = out.with_name(out.name + ".bak")
+        n = 1
+        while backup.exists():
+            backup, n = out.with_name(f"{out.name}.bak.{n}"), n + 1
+        atomic.write_bytes(backup, out.read_bytes())
+        kept = f" (the previous one kept as {backup})"
+    atomic.write_bytes(out, data)
+    typer.echo(f"wrote {out} from recipe {name}{kept}; run `dvc repro` to train it")
+
+
+@params_app.command("reference")
+def params_reference_cmd(
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="markdown file to write (default: print)")] = None,
+) -> None:
+    """The params reference (every key: type, default, meaning), generated from the typed schema."""
+    from vaeft.cli.reference import params_reference
+
+    text = params_reference()
+    if out is None:
+        typer.echo(text, nl=False)
+        return
+    atomic.check_file_target(out, (".md",))
+    atomic.write_text(out, text)
+    typer.echo(f"wrote {out}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
@@ -12,7 +13,6 @@ from vaeft.cli.common import (
     DEFAULT_PARAMS_FILE,
     ForceOpt,
     ParamsOpt,
-    UsageError,
     app,
     load,
     named_paths,
@@ -96,9 +96,14 @@ def pretrain(
     prepare_base(p, data, out, log, state_dir, crops_dir=crops, force=force, fresh=fresh)
 
 
+class FinetunePhase(str, Enum):
+    ema = "ema"
+    mse = "mse"
+
+
 @app.command()
 def train(
-    phase: Annotated[str, typer.Argument(help="training phase: ema or mse (pretrain: see `vaeft pretrain`)")],
+    phase: Annotated[FinetunePhase, typer.Argument(help="fine-tune phase (the base model: `vaeft pretrain`)")],
     init: Annotated[Path, typer.Option(help="model to start from (diffusers folder or LDM file)")],
     params: ParamsOpt = DEFAULT_PARAMS_FILE,
     data: Annotated[Path, typer.Option(help="curated data directory")] = Path("data/curated"),
@@ -116,8 +121,7 @@ def train(
     """
     from vaeft.train.engine import check_outputs, train_phase
 
-    if phase not in ("ema", "mse"):
-        raise UsageError(f"unknown phase {phase!r}: expected 'ema' or 'mse'")
+    phase = phase.value
     p = load(params)
     require(data, "data directory")
     require(init, "init model")
@@ -168,9 +172,15 @@ def publish(
     to: Annotated[Path | None, typer.Option("--to", help="target directory [params publish.target]")] = None,
     params: ParamsOpt = DEFAULT_PARAMS_FILE,
 ) -> None:
-    """Publish an export to a local directory (content-addressed, idempotent)."""
-    from vaeft.publish.local import publish_local
+    """Publish an export to a local directory (content-addressed, idempotent), with a receipt
+    (commit, params, output digests, metrics, environment) in <target>/<version>/receipts/."""
+    from vaeft.publish.local import publish_local, release_version
+    from vaeft.publish.receipt import build_receipt, write_receipt
 
     target = to if to is not None else Path(load(params).publish.target)
-    result = publish_local(require(export_dir, "export directory"), target)
-    typer.echo(str(result.path))
+    require(export_dir, "export directory")
+    # The project is where the params file is: its git commit, dvc.lock and metrics go in the receipt.
+    receipt = build_receipt(params.resolve().parent, export_dir,
+                            {"local": str(target / release_version(export_dir))})
+    result = publish_local(export_dir, target)
+    typer.echo(f"{result.path} (receipt {write_receipt(receipt, result.path)})")

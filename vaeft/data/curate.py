@@ -330,6 +330,13 @@ def curate(params: DataParams, out_dir: str | Path, *, force: bool = False) -> C
     ]
     n_eval = sum(r.split == "eval" for r in rows)
     n_train = len(rows) - n_eval
+    if not rows:
+        where = ", ".join(s.path or s.name for s in params.sources)
+        if not rejected and not duplicates:
+            raise CurationError(f"no images found in {where}")
+        reasons = Counter(r["reason"] for r in rejected + duplicates)
+        raise CurationError(f"no usable images in {where}: all {sum(reasons.values())} rejected ("
+                            + ", ".join(f"{k} {v}" for k, v in reasons.most_common()) + ")")
     if n_train == 0 or n_eval == 0:
         raise CurationError(
             f"curation kept {n_train} train and {n_eval} eval images; need at least one of each "

@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 
 from vaeft import atomic
-from vaeft.console import progress
+from vaeft.console import console, progress
 from vaeft.data.embedded import IMAGE_SUFFIXES
 from vaeft.data.manifest import MANIFEST_FILE, ManifestRow, read_manifest
 from vaeft.errors import VaeftError
@@ -122,6 +122,7 @@ class PreparedSet:
     out_dir: Path
     n_images: int
     metadata_file: Path
+    n_upscaled: int = 0  # images whose shorter side was below ``size``
 
 
 def prepare_eval_set(src_dir: str | Path, out_dir: str | Path, size: int = 256, *, force: bool = False) -> PreparedSet:
@@ -132,18 +133,23 @@ def prepare_eval_set(src_dir: str | Path, out_dir: str | Path, size: int = 256, 
     atomic.check_dir_target(out_dir, "eval-set", force=force, inputs=[src_dir])
     files = image_files(src_dir)
     if not files:
-        raise EvalSetError(f"{src_dir}: no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        # `vaeft data coco-val --out D` extracts to D/val2017/: name the folder that has them.
+        inner = sorted(d for d in src_dir.iterdir() if d.is_dir() and image_files(d)) if src_dir.is_dir() else []
+        hint = f"; they are in {', '.join(map(str, inner[:3]))}" if inner else ""
+        raise EvalSetError(f"{src_dir}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}){hint}")
     stems = [p.stem for p in files]
     dupes = sorted({s for s in stems if stems.count(s) > 1})
     if dupes:
         raise EvalSetError(f"{src_dir}: several files share a name stem: {', '.join(dupes[:5])}")
-    entries = []
+    entries, upscaled = [], []
     with atomic.atomic_dir(out_dir, "eval-set", force=force, inputs=[src_dir]) as tmp, progress() as bar:
         task = bar.add_task("prepare", total=len(files), info=str(src_dir))
         for p in files:
             data = p.read_bytes()
             with Image.open(p) as img:
                 w, h = img.size
+                if min(w, h) < size:
+                    upscaled.append(f"{p.name} ({w}x{h})")
                 resize_center_crop(img.convert("RGB"), size).save(tmp / f"{p.stem}.png")
             entries.append({"file": f"{p.stem}.png", "source": p.name, "sha256": hashlib.sha256(data).hexdigest(),
                             "source_size": [w, h]})
@@ -152,4 +158,7 @@ def prepare_eval_set(src_dir: str | Path, out_dir: str | Path, size: int = 256, 
             "protocol": PROTOCOL.format(size=size), "size": size, "source_dir": str(src_dir),
             "n_images": len(entries), "images": entries,
         })
-    return PreparedSet(out_dir, len(entries), out_dir / PREPARED_META)
+    if upscaled:
+        console.print(f"[yellow]warning: {len(upscaled)} image(s) smaller than {size} were upscaled, which scores "
+                      f"the upscaling filter as well: {', '.join(upscaled[:5])}{', ...' if len(upscaled) > 5 else ''}[/]")
+    return PreparedSet(out_dir, len(entries), out_dir / PREPARED_META, len(upscaled))

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,6 +66,39 @@ class NonFiniteError(DivergedError):
 
 class ReplicaMismatchError(VaeftError, RuntimeError):
     pass
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped training after a whole step; the message says where and how to resume."""
+
+
+class _DeferredInterrupt:
+    """Turn the first SIGINT into a flag the loop reads between steps.
+
+    Stopping inside a step could leave the optimizer stepped and the EMA not, which a checkpoint
+    must never capture; a second Ctrl-C still interrupts at once. Only single-process runs: the
+    ranks of a torchrun job would see the signal at different steps and disagree on the last
+    collective, so they keep the default behaviour (resume from the last periodic checkpoint).
+    """
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+        self.hit = False
+        self._previous = None
+
+    def _handler(self, signum, frame) -> None:
+        if self.hit:
+            raise KeyboardInterrupt
+        self.hit = True
+
+    def __enter__(self) -> _DeferredInterrupt:
+        if self.enabled:
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.enabled:
+            signal.signal(signal.SIGINT, self._previous)
 
 
 @dataclass(frozen=True)
@@ -236,9 +271,17 @@ def _train(phase: str, params: Params, cfg: TrainPhaseParams, ctx: dist_.DistCon
     acc = cfg.accumulate
     loader = iter(train_batches(data_dir, params.augment, params.seed, cfg.batch_size, counters.micro_batch, cfg.steps * acc,
                                 cfg.num_workers, rank=ctx.rank, world_size=ctx.world_size, crops_dir=crops_dir))
-    with progress() as bar:
+    interrupt = _DeferredInterrupt(not ctx.enabled)
+    with progress() as bar, interrupt:
         task = bar.add_task(f"train {phase}", total=cfg.steps, completed=start, info="", visible=main)
         for step in range(start, cfg.steps):
+            if interrupt.hit:
+                _save_checkpoint(ctx, store, runner, Progress(step, step * acc, skipped, log_rows))
+                message = (f"interrupted at step {step} of {cfg.steps}; checkpoint in {store.dir}; "
+                           f"run the same command to resume")
+                # Printed here: the CLI framework turns Ctrl-C into a bare exit status 130.
+                console.print(f"[red]{message}[/]")
+                raise TrainingInterrupted(message)
             result = runner(step, loader)
             logs, grad_norm = result.logs, result.grad_norm
             norm = weight_norm(runner.g_params)
@@ -270,7 +313,10 @@ def _train(phase: str, params: Params, cfg: TrainPhaseParams, ctx: dist_.DistCon
                 t_window, n_window = now, 0
                 if main:
                     log_rows.append(row)
-                    print_row(phase, row)
+                    elapsed = time.perf_counter() - t0
+                    print_row(phase, row, cfg.steps, elapsed / (done - start) * (cfg.steps - done))
+                    if log_file is not None:  # as it goes, so a live run can be plotted
+                        _write_logs(log_file, log_rows)
                     if tb is not None:
                         for k, v in row.items():
                             if k != "step":
@@ -301,8 +347,7 @@ def _train(phase: str, params: Params, cfg: TrainPhaseParams, ctx: dist_.DistCon
         )
         provenance.record_run(out_dir, f"train-{phase}")
         if log_file is not None:
-            atomic.write_text(log_file, log_csv(log_rows, drop=PERF_COLUMNS))
-            atomic.write_text(perf_log_path(log_file), log_csv(log_rows, columns=PERF_COLUMNS))
+            _write_logs(log_file, log_rows)
         if tb is not None:
             tb.close()
         store.clear()
@@ -324,6 +369,11 @@ def _rolled_back(ctx: dist_.DistContext, store: CheckpointStore, phase: str, ste
              if kept else "no checkpoint before it was kept, so the next run starts from step 0")
     return (f"{phase}: training diverged at step {step + 1} ({reason}); no model written; {where}; "
             f"lower train.{phase}.lr or check the data")
+
+
+def _write_logs(log_file: Path, log_rows: list[dict]) -> None:
+    atomic.write_text(log_file, log_csv(log_rows, drop=PERF_COLUMNS))
+    atomic.write_text(perf_log_path(log_file), log_csv(log_rows, columns=PERF_COLUMNS))
 
 
 def _save_checkpoint(ctx: dist_.DistContext, store: CheckpointStore, runner: TrainStep, counters: Progress) -> None:
@@ -357,6 +407,10 @@ def prepare_base(
     if params.model.base is None:
         return train_phase("pretrain", params, data_dir, out_dir, None, log_file, state_root, crops_dir=crops_dir,
                            force=force, fresh=fresh)
+    if not Path(params.model.base).exists():
+        from vaeft.weights import missing_model_hint
+
+        raise VaeftError(f"model.base {missing_model_hint(params.model.base)}")
     check_outputs(out_dir, log_file, [data_dir, params.model.base, crops_dir], force)
     banner("pretrain", f"model.base is set: importing {params.model.base} (no pretraining)")
     t0 = time.perf_counter()

@@ -61,9 +61,16 @@ def tensorboard_writer(log_file: Path | None):
     return SummaryWriter(str(log_file.with_name(log_file.stem + "-tb")))
 
 
-def print_row(phase: str, row: dict[str, float]) -> None:
+def print_row(phase: str, row: dict[str, float], total: int | None = None, eta_s: float | None = None) -> None:
     parts = [f"{k} {v:.4g}" for k, v in row.items() if k != "step"]
-    console.print(f"[dim]{phase} step {int(row['step'])}:[/] " + ", ".join(parts))
+    of = f"/{total}" if total else ""
+    eta = f", ETA {_duration(eta_s)}" if eta_s is not None else ""
+    console.print(f"[dim]{phase} step {int(row['step'])}{of}{eta}:[/] " + ", ".join(parts))
+
+
+def _duration(seconds: float) -> str:
+    s = max(int(round(seconds)), 0)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
 class ReconstructionGrids:

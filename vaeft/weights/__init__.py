@@ -139,3 +139,15 @@ def require(name: str) -> Path:
         if not (weights_dir() / f.path).is_file():
             raise MissingWeightsError(name, weights_dir() / f.path)
     return weights_dir() / s.path
+
+
+def missing_model_hint(path: str | Path) -> str:
+    """What to say about a model path that does not exist: the `vaeft weights pull` that fetches
+    it when its name matches a registry entry (recipes point at ``weights/<name>``)."""
+    p = Path(path)
+    names = [n for n, sp in registry().items()
+             if p.name and p.name in (n, Path(sp.path).name, Path(sp.path).parts[0], Path(sp.path).stem)]
+    where = f"{path} does not exist"
+    if names:
+        return f"{where}; fetch it on a networked machine with `vaeft weights pull {names[0]}` (store: {weights_dir()})"
+    return f"{where}; `vaeft weights list` shows the weights the store knows, `vaeft weights add` brings your own"
