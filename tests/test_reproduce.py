@@ -226,7 +226,8 @@ def test_receipt_records_what_reproduce_needs(mini_release, tmp_path):
     assert receipt["metrics"] is None  # this copy has no metrics/eval.json
     assert json.loads(mini_release["receipt"].read_text())["metrics"]["m1"]["psnr_mean"] == 30.0
     env = receipt["environment"]
-    assert env["torch"] == torch.__version__ and env["torch_threads"] == torch.get_num_threads()
+    # The stages' thread count (they start with this environment), not the publishing process's.
+    assert env["torch"] == torch.__version__ and env["torch_threads"] == int(os.environ["OMP_NUM_THREADS"])
 
 
 def test_receipt_from_s3(s3_endpoint, mini_release):

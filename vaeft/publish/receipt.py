@@ -124,6 +124,15 @@ def _cpu_model() -> str | None:
     return platform.processor() or None
 
 
+def _stage_threads(this_process: int) -> int:
+    """The thread count the stage processes (``python -m vaeft ...``, started with this environment)
+    compute with: OMP_NUM_THREADS when set, as torch reads it at start-up; else this process's."""
+    try:
+        return max(1, int(os.environ["OMP_NUM_THREADS"]))
+    except (KeyError, ValueError):
+        return this_process
+
+
 def build_environment() -> dict[str, Any]:
     """What decides whether a rebuild can be bit-exact: the machine type, the thread count
     (CPU reductions are split per thread), the accelerator and the software versions."""
@@ -134,7 +143,7 @@ def build_environment() -> dict[str, Any]:
         "machine": platform.machine(),
         "cpu": _cpu_model(),
         "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
+        "torch_threads": _stage_threads(torch.get_num_threads()),
         "cuda_device": cuda,
         "python": platform.python_version(),
         "torch": torch.__version__,
