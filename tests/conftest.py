@@ -70,6 +70,12 @@ def pytest_configure(config: pytest.Config) -> None:
     tempfile.tempdir = str(tmp)  # gettempdir() caches its answer: pytest's capture already asked
 
 
+def _is_xdist_controller(config: pytest.Config) -> bool:
+    """The process that hands tests to pytest-xdist workers (its children are the workers, each of
+    which checks its own children and temp dir)."""
+    return not hasattr(config, "workerinput") and bool(getattr(config.option, "numprocesses", None))
+
+
 def _leftover_processes() -> list[str]:
     import psutil
 
@@ -88,7 +94,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if not _run:
         return
     left = sorted(p.name for p in _run["tmp"].iterdir() if not p.name.startswith("pytest-of-"))
-    procs = _leftover_processes()
+    procs = [] if _is_xdist_controller(session.config) else _leftover_processes()
     elsewhere = sorted(set(os.listdir(_run["real"])) - _run["before"] - {_run["run"].name})
     lines = []
     if left:
@@ -108,6 +114,15 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         reporter.write_line(f"note: new in {_run['real']} during the session (this suite's or another "
                             f"process's): {', '.join(elsewhere)}")
     _run["passed"] = session.exitstatus in (pytest.ExitCode.OK, pytest.ExitCode.NO_TESTS_COLLECTED)
+
+
+# The end-to-end pipeline test is the longest by far: first in line, so that with two xdist
+# workers the rest of the suite runs beside it instead of after it.
+_FIRST = ("tests/test_pipeline.py",)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    items.sort(key=lambda item: not item.nodeid.startswith(_FIRST))
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

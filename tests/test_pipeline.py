@@ -59,8 +59,8 @@ def _safetensors_sha(root: Path) -> dict[str, str]:
             for p in sorted(root.rglob("*.safetensors"))}
 
 
-# Four pipeline builds (three flow runs, one reproduce): ~9 min on 2 shared cores under load, too
-# close to the suite's 600 s default.
+# Two pipeline builds (a flow run and reproduce's rebuild) and a no-op flow run: ~2.5 min on a
+# quiet 2-core machine, ~9 min under heavy load, too close to the suite's 600 s default.
 @pytest.mark.timeout(1200)
 def test_retrain_flow_end_to_end(prefect_harness, s3_endpoint, repo_copy, tmp_path):
     """One training run (the expensive part) serves every promise of the pipeline:
@@ -68,8 +68,8 @@ def test_retrain_flow_end_to_end(prefect_harness, s3_endpoint, repo_copy, tmp_pa
     it builds loadable models from nothing, pushes outputs and the run-cache to an S3 DVC remote
     and publishes to S3 with a receipt; a second run skips every stage and uploads nothing; a
     fresh clone gets the models back with `dvc pull`; `vaeft reproduce` on the published receipt
-    rebuilds every stage from nothing in its own clone and reports every model identical; a
-    changed train param re-runs only the stages downstream of it.
+    rebuilds every stage from nothing in its own clone and reports every model identical, with the
+    same dvc.lock; a changed train param flags only its own stage.
     """
     import boto3
 
@@ -165,13 +165,14 @@ def test_retrain_flow_end_to_end(prefect_harness, s3_endpoint, repo_copy, tmp_pa
     # though this run was at another time, in another folder (no time or commit in the outputs).
     assert (work / "repo" / "dvc.lock").read_text() == (repo / "dvc.lock").read_text()
 
-    # A train.mse param changed: only train-mse and what depends on it re-run.
+    # A train.mse param changed: DVC flags train-mse alone (each stage declares only its own params
+    # section); evaluate and export follow through their deps on models/ft-mse once it is rebuilt.
     raw = yaml.safe_load((repo / "params.yaml").read_text())
     raw["train"]["mse"]["lr"] = 5e-5
     (repo / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-    third = retrain(repo=str(repo), publish_to=str(pub_dir))
-    assert [s for s, ran in third.stages.items() if ran] == ["train-mse", "evaluate", "export"]
-    assert third.release != first.release and third.uploaded
+    status = json.loads(_dvc(repo, "status", "--json").stdout)
+    assert set(status) == {"train-mse"}, status
+    assert "changed params" in json.dumps(status["train-mse"])
 
 
 def test_bad_params_fail_before_any_stage(prefect_harness, repo_copy, tmp_path):
