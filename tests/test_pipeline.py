@@ -172,7 +172,7 @@ def test_retrain_flow_end_to_end(prefect_harness, s3_endpoint, repo_copy, tmp_pa
     (repo / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     status = json.loads(_dvc(repo, "status", "--json").stdout)
     assert set(status) == {"train-mse"}, status
-    assert "changed params" in json.dumps(status["train-mse"])
+    assert status["train-mse"] == [{"changed deps": {"params.yaml": {"train.mse": "modified"}}}]
 
 
 def test_bad_params_fail_before_any_stage(prefect_harness, repo_copy, tmp_path):
