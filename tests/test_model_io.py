@@ -210,3 +210,24 @@ def test_pretrain_stage_imports_an_ldm_base(tmp_path, tiny_raw):
     tiny_raw["model"]["base"] = str(tmp_path / "other.safetensors")
     with pytest.raises(ModelLoadError, match="shape mismatch at encoder.conv_in.weight"):
         prepare_base(parse_params(tiny_raw), tmp_path, tmp_path / "models" / "other")
+
+
+def test_safetensors_with_several_metadata_keys_are_the_same_bytes_in_every_process(tmp_path):
+    """safetensors orders metadata by a per-process hash seed: LDM exports (format +
+    norm_num_groups) came out different from one run to the next, and so did dvc.lock."""
+    import hashlib
+    import subprocess
+    import sys
+
+    code = ("import sys, torch\nfrom vaeft.model.io import save_safetensors\n"
+            "save_safetensors({'w': torch.arange(6.0).reshape(2, 3)}, sys.argv[1],"
+            " {'format': 'pt', 'norm_num_groups': '8', 'zeta': '1'})\n")
+    digests = set()
+    for i in range(4):
+        out = tmp_path / f"{i}.safetensors"
+        subprocess.run([sys.executable, "-c", code, str(out)], check=True)
+        digests.add(hashlib.sha256(out.read_bytes()).hexdigest())
+    assert len(digests) == 1
+    from safetensors.torch import load_file
+
+    assert torch.equal(load_file(out)["w"], torch.arange(6.0).reshape(2, 3))

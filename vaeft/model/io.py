@@ -207,6 +207,31 @@ def save_diffusers(vae: AutoencoderKL, out_dir: str | Path, *, force: bool = Fal
     return out_dir
 
 
+def save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | Path,
+                     metadata: dict[str, str] | None = None) -> None:
+    """``safetensors.torch.save_file`` with the same bytes every time.
+
+    safetensors keeps the metadata in a hash map whose order changes from process to process, so
+    two identical saves with two or more metadata keys differ in their header (and in DVC's hash
+    of the output). The header is rewritten in place with the metadata sorted: same length, same
+    tensors, same offsets.
+    """
+    from safetensors.torch import save_file
+
+    save_file(dict(tensors), str(path), metadata=metadata)
+    if metadata and len(metadata) > 1:
+        with open(path, "r+b") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            raw = fh.read(n)
+            header = json.loads(raw)
+            header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+            canonical = json.dumps(header, separators=(",", ":"))
+            # Only entries were reordered: the text is as long as before (padding aside).
+            if len(canonical.encode()) <= n:
+                fh.seek(8)
+                fh.write(canonical.encode().ljust(n, b" "))
+
+
 def save_ldm(vae: AutoencoderKL | Mapping[str, torch.Tensor], path: str | Path,
              norm_num_groups: int | None = None) -> Path:
     """Write the LDM layout: ``.safetensors`` (preferred) or a Lightning-style ``.ckpt`` ``{"state_dict": ...}``.
@@ -223,9 +248,7 @@ def save_ldm(vae: AutoencoderKL | Mapping[str, torch.Tensor], path: str | Path,
     ldm = {k: v.detach().contiguous() for k, v in diffusers_to_ldm(state).items()}
     with atomic.atomic_path(path) as tmp:
         if path.suffix == ".safetensors":
-            from safetensors.torch import save_file
-
-            save_file(ldm, str(tmp), metadata={"format": "pt", **extra})
+            save_safetensors(ldm, tmp, metadata={"format": "pt", **extra})
         elif path.suffix == ".ckpt":
             torch.save({"state_dict": ldm, **({GROUPS_KEY: norm_num_groups} if extra else {})}, tmp)
         else:

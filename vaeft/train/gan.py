@@ -44,7 +44,7 @@ from vaeft.losses.adversarial import (
     wgan_d_loss,
 )
 from vaeft.losses.discriminator import NLayerDiscriminator
-from vaeft.model.io import ModelLoadError, is_diffusers_folder, weight_file
+from vaeft.model.io import ModelLoadError, is_diffusers_folder, save_safetensors, weight_file
 from vaeft.model.state_files import extract_discriminator_state, read_tensors
 
 DISC_FILE = "discriminator.safetensors"
@@ -206,10 +206,8 @@ class GanTrainer:
 
 def write_discriminator(folder: str | Path, state: dict, adam: dict | None = None,
                         metadata: dict[str, str] | None = None) -> None:
-    from safetensors.torch import save_file
-
     folder = Path(folder)
-    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(folder / DISC_FILE), metadata=metadata)
+    save_safetensors({k: v.detach().cpu().contiguous() for k, v in state.items()}, folder / DISC_FILE, metadata=metadata)
     if adam is not None:
         torch.save(_to_cpu(adam), folder / DISC_ADAM_FILE)
 
