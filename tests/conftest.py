@@ -7,6 +7,7 @@ autoencoder (still x8 downsampling), 32x32 crops, a handful of steps.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -30,11 +31,11 @@ from vaeft.config import Params, load_params, params_as_dict, parse_params  # no
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
-# Deterministic CPU math in tests. This process trains on one thread: the toy models gain little
-# from a second one, and where the cores are shared two OpenMP threads wait on each other (the
-# non-finite test on a loaded 2-core machine: 29 s on two threads, 2.3 s on one). The pipeline
-# test's subprocesses inherit OMP_NUM_THREADS (2 unless set), as before.
-os.environ.setdefault("OMP_NUM_THREADS", "2")
+# Deterministic CPU math in tests, one thread per process, subprocesses included: the toy models
+# gain little from a second thread, and the suite runs two xdist workers on two cores, so a second
+# OpenMP thread only waits on the other worker (the pipeline test's pretrain stage on a loaded
+# 2-core machine: 28 CPU-s on two threads, 10 on one; the non-finite test: 29 s against 2.3 s).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(1)
 
 
@@ -68,6 +69,12 @@ def pytest_configure(config: pytest.Config) -> None:
                 saved_env={k: os.environ.get(k) for k in env}, saved_tempdir=tempfile.tempdir)
     os.environ.update(env)
     tempfile.tempdir = str(tmp)  # gettempdir() caches its answer: pytest's capture already asked
+    if _is_xdist_controller(config) and _SHARED_SERVER_ENV not in os.environ:
+        # One Prefect server for all workers: each would otherwise start its own (~15 s of two
+        # busy cores, and its services polling for the rest of the run).
+        server, url, log = _start_prefect_server(run / "prefect-server")
+        _run["server"] = server
+        os.environ[_SHARED_SERVER_ENV] = json.dumps({"url": url, "log": str(log)})
 
 
 def _is_xdist_controller(config: pytest.Config) -> bool:
@@ -93,8 +100,12 @@ def _leftover_processes() -> list[str]:
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if not _run:
         return
+    procs = []
+    if _run.get("server") is not None:  # first: what it leaves behind counts too
+        procs += [f"the shared prefect server: {p}" for p in stop_process_tree(_run.pop("server"))]
     left = sorted(p.name for p in _run["tmp"].iterdir() if not p.name.startswith("pytest-of-"))
-    procs = [] if _is_xdist_controller(session.config) else _leftover_processes()
+    if not _is_xdist_controller(session.config):
+        procs += _leftover_processes()
     elsewhere = sorted(set(os.listdir(_run["real"])) - _run["before"] - {_run["run"].name})
     lines = []
     if left:
@@ -128,6 +139,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def pytest_unconfigure(config: pytest.Config) -> None:
     if not _run:
         return
+    if _run.get("server") is not None:  # the session ended before sessionfinish (an internal error)
+        stop_process_tree(_run.pop("server"))
+    os.environ.pop(_SHARED_SERVER_ENV, None)
     for key, value in _run["saved_env"].items():
         if value is None:
             os.environ.pop(key, None)
@@ -201,7 +215,7 @@ class PrefectServer:
     """A real ``prefect server start`` in its own process group, with its own PREFECT_HOME."""
 
     url: str  # PREFECT_API_URL
-    process: subprocess.Popen
+    process: subprocess.Popen | None  # None: the xdist controller's, shared by the workers
     log: Path
     start_seconds: float
 
@@ -254,12 +268,13 @@ def stop_process_tree(proc: subprocess.Popen, timeout: float = 30) -> list[str]:
     return problems
 
 
-def _wait_healthy(server: subprocess.Popen, url: str, log: Path, timeout: float) -> None:
+def _wait_healthy(server: subprocess.Popen | None, url: str, log: Path, timeout: float) -> None:
+    """``server`` None: another process (the xdist controller) started it and watches it."""
     import urllib.request
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if server.poll() is not None:
+        if server is not None and server.poll() is not None:
             raise RuntimeError(f"prefect server exited ({server.returncode}):\n{log.read_text()[-3000:]}")
         with contextlib.suppress(OSError):
             with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:  # noqa: S310 - our own http server
@@ -269,28 +284,53 @@ def _wait_healthy(server: subprocess.Popen, url: str, log: Path, timeout: float)
     raise RuntimeError(f"prefect server not healthy after {timeout:.0f} s:\n{log.read_text()[-3000:]}")
 
 
-@pytest.fixture(scope="session")
-def prefect_harness(tmp_path_factory):
-    """One real ``prefect server start`` for the whole session (a fresh database costs ~20 s on 2
-    cores), which the flows run in-process, the CLI and the worker of test_worker.py all use.
+# Services a test server does not need: they poll the database every few seconds for things no
+# test does (late or paused runs, cancellations, automations, crashed workers), on two busy cores.
+_IDLE_SERVICES = ("CANCELLATION_CLEANUP", "FOREMAN", "LATE_RUNS", "PAUSE_EXPIRATIONS", "REPOSSESSOR",
+                  "CLEANUP_RECONCILER", "TRIGGERS")
+# Set by the xdist controller for its workers: {"url", "log"} of the one server they share.
+_SHARED_SERVER_ENV = "VAEFT_TEST_PREFECT_SERVER"
 
-    The scheduler service is off: nothing here needs it, and a worker must only ever see the flow
-    runs a test creates, never runs of a deployment's cron schedule.
-    """
-    root = tmp_path_factory.mktemp("prefect-server")
+
+def _start_prefect_server(root: Path) -> tuple[subprocess.Popen, str, Path]:
+    """``prefect server start`` in its own process group and PREFECT_HOME; returns at once."""
+    root.mkdir(parents=True, exist_ok=True)
     port = free_port()
     url = f"http://127.0.0.1:{port}/api"
     log = root / "server.log"
     env = {**os.environ, "PREFECT_HOME": str(root / "home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
            "DO_NOT_TRACK": "1", "PREFECT_UI_ENABLED": "false", "PREFECT_SERVER_API_HOST": "127.0.0.1",
-           "PREFECT_SERVER_API_PORT": str(port)}
+           "PREFECT_SERVER_API_PORT": str(port),
+           **{f"PREFECT_SERVER_SERVICES_{name}_ENABLED": "false" for name in _IDLE_SERVICES}}
     env.pop("PREFECT_API_URL", None)
-    t0 = time.perf_counter()
+    env.pop(_SHARED_SERVER_ENV, None)
     with open(log, "wb") as out:
         server = subprocess.Popen(
             [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port),
              "--no-scheduler", "--no-ui", "--analytics-off"],
             env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    return server, url, log
+
+
+@pytest.fixture(scope="session")
+def prefect_harness(tmp_path_factory):
+    """One real ``prefect server start`` for the whole session (a fresh database costs ~15 s on 2
+    cores), which the flows run in-process, the CLI and the worker of test_worker.py all use.
+
+    Under xdist the controller starts it once for both workers (it starts while they collect)
+    and stops it at the end; run without xdist, the first test that needs it starts its own.
+    Tests share it, so each names its own pools, deployments and flows.
+
+    The scheduler service is off: nothing here needs it, and a worker must only ever see the flow
+    runs a test creates, never runs of a deployment's cron schedule.
+    """
+    shared = os.environ.get(_SHARED_SERVER_ENV)
+    t0 = time.perf_counter()
+    if shared:
+        spec = json.loads(shared)
+        server, url, log = None, spec["url"], Path(spec["log"])
+    else:
+        server, url, log = _start_prefect_server(tmp_path_factory.mktemp("prefect-server"))
     info = PrefectServer(url, server, log, 0.0)
     old_url = os.environ.get("PREFECT_API_URL")
     try:
@@ -313,7 +353,7 @@ def prefect_harness(tmp_path_factory):
             os.environ.pop("PREFECT_API_URL", None)
         else:
             os.environ["PREFECT_API_URL"] = old_url
-        problems = stop_process_tree(server)
+        problems = stop_process_tree(server) if server is not None else []
     assert not problems, f"prefect server did not stop cleanly: {problems}"
 
 
