@@ -107,14 +107,14 @@ def run_stage(stage: str, repo: str, env: dict[str, str] | None = None) -> Stage
     """``env``: extra environment for the stage command, e.g. ``VAEFT_NPROC_PER_NODE`` (it is
     recorded as a task parameter: never pass secrets here)."""
     t0 = time.perf_counter()
-    if not stage_is_stale(repo, stage):
-        print(f"stage {stage}: unchanged, skipped")
-        return StageResult(stage, ran=False, seconds=time.perf_counter() - t0)
+    lock_before = _lock_entry(repo, stage)
     with tempfile.TemporaryDirectory(prefix="vaeft-stage-") as tmp:
         status_file = Path(tmp) / "status.json"
+        # `dvc repro` alone decides (no `dvc status` first: one DVC start-up per stage, not two).
         # Output goes straight to the terminal so progress bars stay live; the stage's exit status
         # travels through the status file instead (dvc repro flattens it to 1).
         proc = dvc(repo, "repro", "--single-item", stage, extra_env={**(env or {}), STATUS_FILE_ENV: str(status_file)})
+        ran = status_file.exists()  # our commands always write it; DVC skipped or restored the stage otherwise
         status = _status(status_file)
     if proc.returncode != 0:
         msg = (f"stage {stage} failed (dvc repro exit code {proc.returncode}, "
@@ -122,7 +122,19 @@ def run_stage(stage: str, repo: str, env: dict[str, str] | None = None) -> Stage
         if status.get("kind") == "user":
             raise StageUserError(msg)
         raise StageFailed(msg)
-    return StageResult(stage, ran=True, seconds=time.perf_counter() - t0)
+    # A stage command that is not vaeft's writes no status file: its lock entry tells instead.
+    ran = ran or _lock_entry(repo, stage) != lock_before
+    if not ran:
+        print(f"stage {stage}: unchanged, skipped")
+    return StageResult(stage, ran=ran, seconds=time.perf_counter() - t0)
+
+
+def _lock_entry(repo: str | Path, stage: str) -> Any:
+    try:
+        lock = yaml.safe_load((Path(repo) / "dvc.lock").read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError):
+        return None
+    return (lock.get("stages") or {}).get(stage)
 
 
 class RemoteError(RuntimeError):

@@ -160,6 +160,9 @@ def tiny_params_dict() -> dict:
     """The committed params.yaml, shrunk to test size."""
     raw = params_as_dict(load_params(REPO_ROOT / "params.yaml"))
     raw["augment"]["crop_size"] = 32
+    # The ~30 embedded photos are one work shard: a process pool would only add a spawned
+    # interpreter (~3 CPU-s of imports) per curation. Tests of the pool ask for one themselves.
+    raw["data"]["workers"] = 1
     raw["evaluate"]["image_size"] = 32
     raw["model"]["architecture"].update(block_out_channels=[16, 16, 32, 32], norm_num_groups=8, sample_size=32)
     for phase, steps in (("pretrain", 12), ("ema", 6), ("mse", 6)):

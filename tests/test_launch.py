@@ -272,12 +272,13 @@ def test_run_stage_passes_the_launch_environment(monkeypatch):
 
     def fake_dvc(repo, *args, capture=False, extra_env=None):
         calls.append((args, extra_env or {}))
-        return subprocess.CompletedProcess(args, 0, stdout='{"s": ["changed"]}' if capture else None, stderr="")
+        Path(extra_env["VAEFT_STATUS_FILE"]).write_text('{"exit_code": 0, "kind": "ok"}')  # as our CLI does
+        return subprocess.CompletedProcess(args, 0, stdout=None, stderr="")
 
     monkeypatch.setattr(dvc_stage, "dvc", fake_dvc)
     assert dvc_stage.run_stage.fn("s", "/repo", env={"VAEFT_NPROC_PER_NODE": "3"}).ran
-    (status_args, _), (repro_args, repro_env) = calls
-    assert status_args[0] == "status" and repro_args == ("repro", "--single-item", "s")
+    ((repro_args, repro_env),) = calls
+    assert repro_args == ("repro", "--single-item", "s")
     assert repro_env["VAEFT_NPROC_PER_NODE"] == "3" and "VAEFT_STATUS_FILE" in repro_env
 
 
