@@ -77,7 +77,7 @@ def test_evaluate_flow_scores_checkpoints_and_writes_receipts(prefect_harness, t
     results = evaluate(checkpoints={"base": str(base_model)}, eval_sets={"held-out": str(curated)},
                        out=str(tmp_path / "eval"), params_file=str(params_file))
     metrics = results["held-out"]["metrics"]
-    assert set(metrics) == {"base"} and 5 < metrics["base"]["psnr_mean"] < 60
+    assert set(metrics) == {"base"} and 5 < metrics["base"]["psnr"] < 60
     receipt = json.loads((tmp_path / "eval" / "held-out" / "receipt.json").read_text())
     assert receipt["checkpoints_sha256"] == {"base": tree_sha256(base_model)}
     assert receipt["eval_set"]["sha256"] == tree_sha256(curated)
