@@ -6,6 +6,7 @@ import re
 import subprocess
 import sys
 
+import pytest
 import yaml
 from typer.testing import CliRunner
 
@@ -111,6 +112,15 @@ def test_flow_refuses_bad_invocations_in_one_line_before_prefect_starts(tmp_path
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], proc.stderr[-2000:]
         assert "Value error" not in lines[0] and "flow parameter flow" not in lines[0]
+    # A folder source that is not there fails in the same place (flows.retrain.main), the same way.
+    from flows.config import flow_config
+    from vaeft.config import ParamsError, load_params
+
+    missing = tmp_path / "missing.yaml"
+    missing.write_text(yaml.safe_dump({"data": {"sources": [{"name": "mine", "kind": "folder", "path": "/no/photos"}]}}))
+    cfg = flow_config(params_file=missing)
+    with pytest.raises(ParamsError, match="^data source 'mine': folder /no/photos does not exist$"):
+        cfg.check_sources(load_params(cfg.source_params()))
     # Refused before the flow ran: no Prefect server was started, no params were copied.
     home = tmp_path / "prefect-home"
     assert not home.exists() or not any(home.iterdir())  # Prefect makes its home on import, nothing more
