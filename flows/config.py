@@ -17,12 +17,14 @@ from vaeft.config import HubPublishParams, Params, ParamsError, S3PublishParams,
 from vaeft.errors import VaeftError
 from vaeft.runtime_env import PROJECT_ROOT
 
+RECIPES = "vaeft/recipes"  # in the repo the flow runs (package data: the wheel has them too)
+
 
 class FlowConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     repo: Path = PROJECT_ROOT
-    # A params file or a recipe name (recipes/<name>.yaml) to run with; it is copied over the
+    # A params file or a recipe name (vaeft/recipes/<name>.yaml) to run with; it is copied over the
     # repo's params.yaml because that is the file the DVC stages depend on. None: use params.yaml.
     params_file: Path | None = None
     recipe: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.-]+$")
@@ -45,8 +47,8 @@ class FlowConfig(BaseModel):
             raise ValueError("give params_file or recipe, not both")
         if self.params_file and not self.params_file.is_file():
             raise ValueError(f"params_file {self.params_file}: not a file")
-        if self.recipe and not (self.repo / "recipes" / f"{self.recipe}.yaml").is_file():
-            raise ValueError(f"recipe {self.recipe!r}: no recipes/{self.recipe}.yaml")
+        if self.recipe and not (self.repo / RECIPES / f"{self.recipe}.yaml").is_file():
+            raise ValueError(f"recipe {self.recipe!r}: no {RECIPES}/{self.recipe}.yaml")
         return self
 
     def check_sources(self, params: Params) -> None:
@@ -64,7 +66,7 @@ class FlowConfig(BaseModel):
 
     def source_params(self) -> Path:
         if self.recipe:
-            return self.repo / "recipes" / f"{self.recipe}.yaml"
+            return self.repo / RECIPES / f"{self.recipe}.yaml"
         return self.params_file or self.repo / "params.yaml"
 
     def apply_params(self) -> Params:

@@ -52,7 +52,7 @@ def test_readme_statements_hold(monkeypatch, tmp_path):
     assert weights_dir().resolve() == (PROJECT_ROOT / "weights").resolve()
     # Every recipe and weight the section names exists.
     for name in re.findall(r"vaeft recipe apply (\S+)", SECTION):
-        assert (REPO_ROOT / "recipes" / f"{name}.yaml").is_file(), name
+        assert (REPO_ROOT / "vaeft" / "recipes" / f"{name}.yaml").is_file(), name
     registry = yaml.safe_load((REPO_ROOT / "vaeft" / "weights" / "registry.yaml").read_text())
     entries = registry["weights"]
     for name in re.search(r"vaeft weights pull ([\w -]+)", SECTION).group(1).split():
@@ -104,7 +104,7 @@ def test_flow_refuses_bad_invocations_in_one_line_before_prefect_starts(tmp_path
     bad = tmp_path / "params.yaml"
     bad.write_text("seed: 0\ntrian: {}\n")  # a typo'd key
     env = {**__import__("os").environ, "PREFECT_HOME": str(tmp_path / "prefect-home")}
-    for args, expected in ((["--recipe", "nope"], "error: recipe 'nope': no recipes/nope.yaml"),
+    for args, expected in ((["--recipe", "nope"], "error: recipe 'nope': no vaeft/recipes/nope.yaml"),
                            (["--params-file", str(bad)], "trian")):
         proc = subprocess.run([sys.executable, "-m", "flows.retrain", *args], cwd=REPO_ROOT, env=env,
                               capture_output=True, text=True, timeout=120)
