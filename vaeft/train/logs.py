@@ -16,9 +16,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vaeft import atomic
 from vaeft.console import console
 from vaeft.data.evalset import eval_images
-from vaeft.figures import comparison_grid
+from vaeft.figures import comparison_grid, line_chart
 
 # Wall-clock and memory readings: they differ between two identical runs, so they stay out of
 # the CSV that DVC hashes (a plots output) and go to the run's record instead (perf_log_path).
@@ -42,6 +43,23 @@ def log_csv(rows: list[dict[str, float]], columns: tuple[str, ...] | None = None
     writer.writeheader()
     writer.writerows(rows)
     return buf.getvalue()
+
+
+def curve_path(log_file: str | Path) -> Path:
+    """The PNG of the loss curves, beside the CSV (``logs/train-ema.csv`` -> ``logs/train-ema.png``)."""
+    return Path(log_file).with_suffix(".png")
+
+
+def write_curve(log_file: str | Path, rows: list[dict[str, float]], phase: str) -> Path:
+    """Draw every ``*loss`` column of ``rows`` over the step into :func:`curve_path`."""
+    names = [k for k in dict.fromkeys(k for r in rows for k in r) if k == "loss" or k.endswith("_loss")]
+    chart = line_chart([r["step"] for r in rows], {n: [r.get(n, float("nan")) for r in rows] for n in names},
+                       f"{phase}: training loss")
+    buf = io.BytesIO()
+    chart.save(buf, format="PNG")
+    path = curve_path(log_file)
+    atomic.write_bytes(path, buf.getvalue())
+    return path
 
 
 def memory_mb(device: torch.device) -> float:
