@@ -62,6 +62,15 @@ def test_readme_statements_hold(monkeypatch, tmp_path):
     for key in ("augment.crop_size", "train.ema.steps", "evaluate.image_size", "publish.target"):
         assert f"`{key}`" in reference, key
     assert "stage is a no-op" not in README  # it writes a pixel store on the embedded default
+    # The curves' PNG is a DVC output of every training stage, beside the CSV the section names.
+    for stage_log in ("pretrain", "train-ema", "train-mse"):
+        assert f"logs/{stage_log}.csv:" in dvc and f"- logs/{stage_log}.png" in dvc
+    assert "`logs/train-ema.png`" in SECTION and "`dvc metrics show`" in SECTION
+    # The metrics file's keys, as the Evaluation section lists them.
+    from vaeft.metrics.summary import HEADLINE_KEYS
+
+    evaluation = README.split("## Evaluation", 1)[1].split("\n## ", 1)[0]
+    assert all(f"`{k}`" in evaluation for k in HEADLINE_KEYS)
 
 
 def test_recipe_apply_keeps_an_edited_params_file(tmp_path):
