@@ -44,7 +44,7 @@ from vaeft.train.gan import DiscriminatorInitError, base_discriminator, write_di
 from vaeft.train.logs import (
     PERF_COLUMNS,
     ReconstructionGrids,
-    curve_path,
+    check_curve_target,
     log_csv,
     memory_mb,
     perf_log_path,
@@ -156,7 +156,7 @@ def check_outputs(out_dir: str | Path, log_file: str | Path | None, inputs: list
     atomic.check_dir_target(out_dir, "model", force=force, inputs=ins)
     if log_file is not None:
         atomic.check_file_target(log_file, (".csv",), force=force, inputs=ins)
-        atomic.check_file_target(curve_path(log_file), (".png",), force=force, inputs=ins)
+        check_curve_target(log_file, force=force, inputs=ins)
 
 
 def train_phase(

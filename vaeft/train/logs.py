@@ -50,13 +50,40 @@ def curve_path(log_file: str | Path) -> Path:
     return Path(log_file).with_suffix(".png")
 
 
+# The curve is an output nobody named on the command line (it follows --log): it may replace a
+# PNG only if that PNG is one of ours, which this text chunk says.
+_CURVE_TAG = ("Software", "vaeft training curve")
+
+
+def check_curve_target(log_file: str | Path, force: bool = False, inputs: list[str | Path] = ()) -> Path:
+    """Refuse (before any training) to draw the curve over a PNG that vaeft did not draw."""
+    from PIL import Image
+
+    path = atomic.check_file_target(curve_path(log_file), (".png",), force=force, inputs=inputs)
+    if path.exists() and not force:
+        try:
+            with Image.open(path) as img:
+                ours = getattr(img, "text", {}).get(_CURVE_TAG[0]) == _CURVE_TAG[1]
+        except OSError:
+            ours = False
+        if not ours:
+            raise atomic.OutputRefusedError(
+                f"refusing to overwrite {path}: the loss curve of --log {log_file} goes there and this PNG "
+                "is not one vaeft drew (move it, log elsewhere, or pass --force)")
+    return path
+
+
 def write_curve(log_file: str | Path, rows: list[dict[str, float]], phase: str) -> Path:
     """Draw every ``*loss`` column of ``rows`` over the step into :func:`curve_path`."""
+    from PIL.PngImagePlugin import PngInfo
+
     names = [k for k in dict.fromkeys(k for r in rows for k in r) if k == "loss" or k.endswith("_loss")]
     chart = line_chart([r["step"] for r in rows], {n: [r.get(n, float("nan")) for r in rows] for n in names},
                        f"{phase}: training loss")
+    info = PngInfo()
+    info.add_text(*_CURVE_TAG)
     buf = io.BytesIO()
-    chart.save(buf, format="PNG")
+    chart.save(buf, format="PNG", pnginfo=info)
     path = curve_path(log_file)
     atomic.write_bytes(path, buf.getvalue())
     return path
