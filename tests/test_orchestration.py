@@ -118,7 +118,8 @@ def test_stage_runs_are_not_followed_by_dvc_advice(tmp_path):
     _git(repo, "init", "-q")
     (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"s": {"cmd": "echo stage-said-this > out && cat out",
                                                                     "outs": ["out"]}}}))
-    _dvc(repo, "init", "-q")
+    (repo / ".dvc").mkdir()  # what `dvc init` would make that repro needs, without a second DVC start
+    (repo / ".dvc" / "config").write_text("[core]\n    analytics = false\n")
     raw = _dvc(repo, "repro").stdout
     assert "To track the changes with git" in raw and "dvc push" in raw  # what DVC says at a shell
     kept = "".join(without_dvc_hints(raw.splitlines(keepends=True)))
