@@ -16,7 +16,6 @@ torchvision up front: ``import vaeft`` stays cheap for the CLI.
 
 from __future__ import annotations
 
-import importlib.abc
 import importlib.machinery
 import sys
 
@@ -77,11 +76,15 @@ def _op_exists(name: str) -> bool:
     return True
 
 
-class _TorchvisionLoader(importlib.abc.Loader):
+# The finder and loader follow importlib's protocols without subclassing importlib.abc, whose
+# import (typing, importlib.resources) would cost `import vaeft` tens of milliseconds.
+
+
+class _TorchvisionLoader:
     """Runs torchvision's own loader; if that fails for want of the op schemas, defines them and
     runs it again on the same module object (the import system holds on to that one)."""
 
-    def __init__(self, real: importlib.abc.Loader) -> None:
+    def __init__(self, real) -> None:
         self.real = real
 
     def create_module(self, spec):
@@ -104,7 +107,7 @@ class _TorchvisionLoader(importlib.abc.Loader):
         _state["done"] = True
 
 
-class _TorchvisionFinder(importlib.abc.MetaPathFinder):
+class _TorchvisionFinder:
     def find_spec(self, name, path=None, target=None):
         if name != "torchvision":
             return None
