@@ -56,7 +56,7 @@ def test_evaluate_writes_metrics_table_csv_and_grid(tmp_path, curated, base_mode
                              tmp_path / "metrics.json", tmp_path / "report", {"again": 6})
     short = json.loads((tmp_path / "metrics.json").read_text())
     # DVC's metrics file: the headline numbers only, flat and numeric (the reasons are the report's).
-    assert set(short["original"]) == {"psnr", "ssim", "color_shift", "saturation_ratio"}
+    assert set(short["original"]) == {"psnr", "ssim", "color_shift"}
     assert all(type(v) is float for m in short.values() for v in m.values())
     metrics = json.loads((tmp_path / "report" / DETAIL_FILE).read_text())["models"]
     assert set(metrics) == {"original", "again"}
