@@ -52,7 +52,7 @@ def build_model(scale: str, res: int, seed: int):
     from vaeft.config import ArchitectureParams
     from vaeft.model.build import build_autoencoder
 
-    sd_arch = yaml.safe_load((common.ROOT / "recipes" / "sd-vae-ft.yaml").read_text())["model"]["architecture"]
+    sd_arch = yaml.safe_load((common.ROOT / "vaeft" / "recipes" / "sd-vae-ft.yaml").read_text())["model"]["architecture"]
     over = PRESETS[scale][0]
     torch.manual_seed(seed)
     return build_autoencoder(ArchitectureParams(**{**sd_arch, **(over or {}), "sample_size": res})).eval()

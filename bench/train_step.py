@@ -6,7 +6,7 @@
     python bench/train_step.py --smoke                  # tiny, seconds (CI)
 
 Both sides fine-tune the decoder side of a diffusers ``AutoencoderKL`` with the sd-vae-ft recipe's
-loss (recipes/sd-vae-ft.yaml, train.ema): L1 + LPIPS-VGG summed over pixels / batch, LDM's hinge
+loss (vaeft/recipes/sd-vae-ft.yaml, train.ema): L1 + LPIPS-VGG summed over pixels / batch, LDM's hinge
 PatchGAN with the adaptive weight at decoder.conv_out, a discriminator step, EMA.
 
 * naive: what a straightforward script does - eager fp32, the encoder under ``no_grad``, the
@@ -59,7 +59,7 @@ GAN_OVERRIDES = {"smoke": {"ndf": 16, "n_layers": 2}}
 
 
 def recipe() -> tuple[dict, dict]:
-    raw = yaml.safe_load((common.ROOT / "recipes" / "sd-vae-ft.yaml").read_text())
+    raw = yaml.safe_load((common.ROOT / "vaeft" / "recipes" / "sd-vae-ft.yaml").read_text())
     return raw["model"]["architecture"], raw["train"]["ema"]
 
 

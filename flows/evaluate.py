@@ -20,6 +20,7 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.context import get_run_context
 
+from flows.config import user_errors_in_one_line
 from vaeft import atomic, runtime_env
 from vaeft.config import load_params
 from vaeft.hashing import file_sha256, tree_sha256
@@ -121,7 +122,8 @@ def main(argv: list[str] | None = None) -> None:
     models, sets = _pairs(args.model, "-m NAME=MODEL_DIR"), _pairs(args.data, "-d CURATED_DIR")
     out = str(Path(args.out).resolve())
     if args.mode == "run":
-        evaluate(models, sets, out, args.params_file)
+        with user_errors_in_one_line():
+            evaluate(models, sets, out, args.params_file)
     else:
         from prefect import serve
 

@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 from pydantic import BaseModel
 
-from flows.config import add_s3_arguments, flow_config, s3_from_args
+from flows.config import add_s3_arguments, flow_config, s3_from_args, user_errors_in_one_line
 from tasks.dvc_stage import dvc, stage_is_stale
 from tasks.publish import publish_release, publish_release_hub, publish_release_s3, s3_target
 from vaeft import runtime_env
@@ -128,12 +127,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--publish-to")
     add_s3_arguments(ap)
     args = ap.parse_args(argv)
-    s3 = s3_from_args(args)
-    try:
-        publish(repo=args.repo, publish_to=args.publish_to, s3=s3)
-    except ParamsError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    with user_errors_in_one_line():
+        publish(repo=args.repo, publish_to=args.publish_to, s3=s3_from_args(args))
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from prefect import flow
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from pydantic import BaseModel
 
-from flows.config import add_s3_arguments, flow_config, s3_from_args
+from flows.config import add_s3_arguments, flow_config, s3_from_args, user_errors_in_one_line
 from flows.publish import PublishSummary, publish
 from tasks.dvc_stage import (
     StageFailed,
@@ -33,8 +33,7 @@ from tasks.dvc_stage import (
     run_stage,
 )
 from vaeft import runtime_env
-from vaeft.config import HubPublishParams, ParamsError, S3PublishParams, load_params
-from vaeft.errors import VaeftError
+from vaeft.config import HubPublishParams, S3PublishParams, load_params
 
 runtime_env.configure()
 
@@ -61,7 +60,7 @@ def retrain(repo: str | None = None, publish_to: str | None = None, params_file:
     cfg = flow_config(repo=repo and Path(repo), publish_to=publish_to and Path(publish_to),
                       params_file=params_file and Path(params_file), recipe=recipe,
                       dvc_remote=dvc_remote, s3=s3, hub=hub, gpus=gpus)
-    cfg.apply_params()
+    cfg.check_sources(cfg.apply_params())
     root = cfg.repo
 
     if cfg.dvc_remote:
@@ -111,22 +110,21 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--gpus", type=int, help="training processes on this machine (torchrun, one per GPU)")
     add_s3_arguments(ap)
     args = ap.parse_args(argv)
-    try:
+    with user_errors_in_one_line(StageUserError):
         s3 = s3_from_args(args)
         # Before the flow starts Prefect's server (many seconds): a typo fails at once, in one line.
         cfg = flow_config(repo=args.repo and Path(args.repo), params_file=args.params_file and Path(args.params_file),
                           recipe=args.recipe, dvc_remote=args.dvc_remote,
                           publish_to=args.publish_to and Path(args.publish_to), s3=s3, gpus=args.gpus)
-        load_params(cfg.source_params())
-        retrain(repo=args.repo, params_file=args.params_file, recipe=args.recipe,
-                dvc_remote=args.dvc_remote, publish_to=args.publish_to, s3=s3, gpus=args.gpus)
-    except (ParamsError, VaeftError, StageUserError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    except StageFailed as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
-
+        cfg.check_sources(load_params(cfg.source_params()))
+        try:
+            retrain(repo=args.repo, params_file=args.params_file, recipe=args.recipe,
+                    dvc_remote=args.dvc_remote, publish_to=args.publish_to, s3=s3, gpus=args.gpus)
+        except StageUserError:
+            raise
+        except StageFailed as err:  # may pass on a retry: exit 1, the traceback is Prefect's above
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(1)
 
 if __name__ == "__main__":
     main()

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,55 @@ def dvc(repo: str | Path, *args: str, capture: bool = False,
     )
 
 
+# DVC ends every `dvc repro` with advice for someone at a shell (git add these files, turn on
+# autostage, dvc push). The flow runs one repro per stage and does the pushing itself, so the same
+# block would repeat seven times between the stages' own lines. Errors go to stderr, untouched.
+_HINT_HEADS = ("To track the changes with git, run:", "To enable auto staging, run:")
+_HINT_LINES = ("Use `dvc push` to send your updates to remote storage.",)
+
+
+def without_dvc_hints(lines: Iterable[str]) -> Iterator[str]:
+    """``lines`` (of DVC's stdout, newline kept) less DVC's git/autostage/push advice.
+
+    A hint block is its heading, then blank and tab-indented command lines; the blank lines
+    before a heading are dropped with it. Everything else passes as it comes (streamed)."""
+    blanks: list[str] = []
+    in_hint = False
+    for line in lines:
+        text = line.rstrip("\r\n")
+        if not text.strip():
+            blanks.append(line)
+            continue
+        if text in _HINT_HEADS:
+            blanks, in_hint = [], True
+            continue
+        if in_hint and text.startswith("\t"):
+            blanks = []
+            continue
+        if text in _HINT_LINES:
+            blanks, in_hint = [], False
+            continue
+        in_hint = False
+        yield from blanks
+        blanks = []
+        yield line
+    if not in_hint:
+        yield from blanks
+
+
+def repro_quietly(repo: str | Path, stage: str, extra_env: dict[str, str] | None = None) -> int:
+    """``dvc repro --single-item STAGE`` with its stdout passed through :func:`without_dvc_hints`;
+    stderr (progress bars, errors) goes straight to the terminal. Returns DVC's exit code."""
+    env = {**dvc_env(), **(extra_env or {}), "PYTHONUNBUFFERED": "1"}  # the stage's lines as they come
+    with subprocess.Popen([sys.executable, "-m", "dvc", "repro", "--single-item", stage], cwd=repo, env=env,
+                          stdout=subprocess.PIPE, text=True, bufsize=1) as proc:
+        assert proc.stdout is not None
+        for line in without_dvc_hints(proc.stdout):
+            sys.stdout.write(line)
+            sys.stdout.flush()
+    return proc.returncode
+
+
 def stage_is_stale(repo: str | Path, stage: str) -> bool:
     out = dvc(repo, "status", "--json", stage, capture=True)
     if out.returncode != 0:
@@ -113,14 +163,14 @@ def run_stage(stage: str, repo: str, env: dict[str, str] | None = None) -> Stage
         # `dvc repro` alone decides (no `dvc status` first: one DVC start-up per stage, not two).
         # Output goes straight to the terminal so progress bars stay live; the stage's exit status
         # travels through the status file instead (dvc repro flattens it to 1).
-        proc = dvc(repo, "repro", "--single-item", stage, extra_env={**(env or {}), STATUS_FILE_ENV: str(status_file)})
+        returncode = repro_quietly(repo, stage, {**(env or {}), STATUS_FILE_ENV: str(status_file)})
         ran = status_file.exists()  # our commands always write it; DVC skipped or restored the stage otherwise
         status = _status(status_file)
-    if proc.returncode != 0:
-        msg = (f"stage {stage} failed (dvc repro exit code {proc.returncode}, "
+    if returncode != 0:
+        msg = (f"stage {stage} failed (dvc repro exit code {returncode}, "
                f"stage exit {status.get('exit_code', 'unknown')}); see the output above")
         if status.get("kind") == "user":
-            raise StageUserError(msg)
+            raise StageUserError(f"stage {stage}: {status['message']}" if status.get("message") else msg)
         raise StageFailed(msg)
     # A stage command that is not vaeft's writes no status file: its lock entry tells instead.
     ran = ran or _lock_entry(repo, stage) != lock_before

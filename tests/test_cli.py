@@ -53,6 +53,28 @@ def test_recipes_list_and_apply(tmp_path):
     assert "batch_size: 12" in shown.output and "steps: 313198" in shown.output  # 12 per GPU x 16 = 192
 
 
+def test_every_data_file_of_the_package_ships_in_the_wheel():
+    """Recipes and the weight registry are package data: `vaeft recipe list` works after a wheel
+    install. (Checked on pyproject's patterns, not by building a wheel: that takes seconds.)"""
+    import ast
+    import fnmatch
+    import importlib.resources
+    import re
+
+    from .conftest import REPO_ROOT
+
+    # tomllib is 3.11+ and the package supports 3.10: the one line, read as a Python list.
+    section = (REPO_ROOT / "pyproject.toml").read_text().split("[tool.setuptools.package-data]", 1)[1]
+    patterns = ast.literal_eval(re.search(r"^vaeft = (\[.*\])$", section, re.M).group(1))
+    tracked = subprocess.run(["git", "ls-files", "vaeft"], cwd=REPO_ROOT, capture_output=True, text=True,
+                             check=True).stdout.split()
+    data = [p.removeprefix("vaeft/") for p in tracked if not p.endswith(".py")]
+    assert "recipes/sd-vae-ft.yaml" in data
+    assert [p for p in data if not any(fnmatch.fnmatch(p, pat) for pat in patterns)] == []
+    recipes = importlib.resources.files("vaeft") / "recipes"
+    assert {r.name for r in recipes.iterdir()} >= {"sd-vae-ft.yaml", "furception.yaml", "sdxl.yaml"}
+
+
 def test_user_errors_are_one_line(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "vaeft", "recipe", "apply", "nope", "--out", str(tmp_path / "p.yaml")],
                           capture_output=True, text=True, timeout=120)

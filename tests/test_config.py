@@ -25,7 +25,7 @@ def test_committed_params_and_recipes_validate():
     params = load_params(REPO_ROOT / "params.yaml")
     assert params.model.base is None  # the embedded default pretrains
     assert params.model.architecture.block_out_channels == [32, 32, 64, 64]
-    recipes = sorted((REPO_ROOT / "recipes").glob("*.yaml"))
+    recipes = sorted((REPO_ROOT / "vaeft" / "recipes").glob("*.yaml"))
     assert recipes, "recipe presets are missing"
     for recipe in recipes:
         load_params(recipe)

@@ -13,7 +13,7 @@ from skimage import data as skdata
 from skimage.metrics import peak_signal_noise_ratio
 
 from vaeft.data.evalset import resize_center_crop
-from vaeft.evaluate.report import GRID_FILE, PER_IMAGE_FILE, TABLE_FILE, evaluate_models
+from vaeft.evaluate.report import DETAIL_FILE, GRID_FILE, PER_IMAGE_FILE, TABLE_FILE, evaluate_models
 from vaeft.metrics.psnr import psnr
 from vaeft.metrics.summary import mean_std
 
@@ -54,10 +54,17 @@ def test_evaluate_writes_metrics_table_csv_and_grid(tmp_path, curated, base_mode
     monkeypatch.setenv("VAEFT_WEIGHTS_DIR", str(tmp_path / "no-weights"))
     result = evaluate_models(tiny_params.evaluate, curated, {"original": base_model, "again": base_model},
                              tmp_path / "metrics.json", tmp_path / "report", {"again": 6})
-    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    short = json.loads((tmp_path / "metrics.json").read_text())
+    # DVC's metrics file: the headline numbers only, flat and numeric (the reasons are the report's).
+    assert set(short["original"]) == {"psnr", "ssim", "color_shift"}
+    assert all(type(v) is float for m in short.values() for v in m.values())
+    metrics = json.loads((tmp_path / "report" / DETAIL_FILE).read_text())["models"]
     assert set(metrics) == {"original", "again"}
     assert metrics["original"] == metrics["again"]  # same model, deterministic decode of the mean
     assert 5 < metrics["original"]["psnr_mean"] < 60 and metrics["original"]["psnr_std"] >= 0
+    assert short["original"]["psnr"] == metrics["original"]["psnr_mean"]
+    assert short["original"]["color_shift"] == pytest.approx(
+        sum(abs(metrics["original"][f"shift_{c}_mean"]) for c in "rgb") / 3)
     n = metrics["original"]["n_images"]
     table = (tmp_path / "report" / TABLE_FILE).read_text().splitlines()
     assert table[0] == "| Model | train steps | rFID | PSNR | SSIM | PSIM/LPIPS |"
@@ -79,7 +86,7 @@ def test_evaluate_writes_metrics_table_csv_and_grid(tmp_path, curated, base_mode
     assert np.mean([float(r["ssim_original"]) for r in rows]) == pytest.approx(metrics["original"]["ssim_mean"], abs=1e-5)
     grid = Image.open(tmp_path / "report" / GRID_FILE)
     assert grid.size == (32 * 3, 14 + 2 * 32 * min(4, n))
-    assert result.metrics == metrics
+    assert result.metrics == short and result.detail == metrics
 
 
 def test_evaluate_needs_models(tmp_path, curated, tiny_params):

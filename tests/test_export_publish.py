@@ -18,12 +18,41 @@ from vaeft.publish.local import PublishConflictError, publish_local
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory, base_model):
+def exported(tmp_path_factory, base_model, curated):
     out = tmp_path_factory.mktemp("export") / "export"
     table = out.parent / "table.md"
-    table.write_text("| Model | train steps | rFID | PSNR | SSIM | PSIM/LPIPS |\n")
-    export_models(ExportParams(), {"ft-test": base_model}, out, eval_table=table)
+    table.write_text("| Model | train steps | rFID | PSNR | SSIM | PSIM/LPIPS |\n|---|---|---|---|---|---|\n"
+                     "| ft-test | 7 | n/a [1] | 14.72 ± 3.55 | 0.365 ± 0.143 | n/a [2] |\n")
+    export_models(ExportParams(), {"ft-test": base_model}, out, eval_table=table, data_dir=curated)
     return out
+
+
+def test_model_card_of_a_demo_model_says_what_it_is(exported, curated, base_model):
+    import json
+
+    card = (exported / "ft-test" / "README.md").read_text()
+    assert "drop-in" not in card and "replaces none" in card and "A demo model" in card
+    report = json.loads((curated / "curation_report.json").read_text())
+    steps = json.loads((base_model / "run_info.json").read_text())["steps"]
+    assert f"{report['kept']} curated images ({report['train']} for training, {report['eval']} held out" in card
+    assert "Sources: embedded (" in card
+    assert f"| train-pretrain | {steps} | 4 | 0.001 | 1·L1 + 1e-06·KL | all | raw |" in card  # tiny params
+    assert "| ft-test | 7 | n/a [1] | 14.72 ± 3.55 |" in card and "not the released kl-f8" in card
+
+
+def test_model_card_of_a_fine_tuned_release_names_its_base():
+    from vaeft.export.release import model_card
+
+    loss = {"l1": 1.0, "lpips": 1.0, "lpips_net": "vgg", "reduction": "sum"}
+    ema = {"stage": "train-ema", "steps": 313198, "global_batch": 192, "weights": "ema",
+           "params": {"train.ema": {"lr": 8.6e-4, "trainable": "decoder", "ema_decay": 0.9999, "loss": loss,
+                                    "gan": {"kind": "patchgan", "disc_weight": 0.5, "disc_start": 0}}}}
+    card = model_card("ft-ema", None, [{"stage": "pretrain", "imported_from": "weights/kl-f8"}, ema])
+    assert "fine-tuned with vaeft from `weights/kl-f8`" in card and "can replace the base's decoder" in card
+    assert "demo" not in card.lower()
+    assert ("| train-ema | 313198 | 192 | 0.00086 | 1·L1 + 1·LPIPS-VGG + patchgan GAN (weight 0.5, from step 0), "
+            "sum-reduced | decoder | EMA 0.9999 |") in card
+    assert "Not recorded (exported without `--data`)." in card
 
 
 def test_export_loads_with_diffusers_and_reconstructs(exported, curated, base_model):

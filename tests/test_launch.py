@@ -264,22 +264,19 @@ def test_flow_gpus_sets_the_launch_variable(tmp_path, monkeypatch):
 
 
 def test_run_stage_passes_the_launch_environment(monkeypatch):
-    import subprocess
-
     import tasks.dvc_stage as dvc_stage
 
     calls = []
 
-    def fake_dvc(repo, *args, capture=False, extra_env=None):
-        calls.append((args, extra_env or {}))
+    def fake_repro(repo, stage, extra_env=None):
+        calls.append((stage, extra_env or {}))
         Path(extra_env["VAEFT_STATUS_FILE"]).write_text('{"exit_code": 0, "kind": "ok"}')  # as our CLI does
-        return subprocess.CompletedProcess(args, 0, stdout=None, stderr="")
+        return 0
 
-    monkeypatch.setattr(dvc_stage, "dvc", fake_dvc)
+    monkeypatch.setattr(dvc_stage, "repro_quietly", fake_repro)
     assert dvc_stage.run_stage.fn("s", "/repo", env={"VAEFT_NPROC_PER_NODE": "3"}).ran
-    ((repro_args, repro_env),) = calls
-    assert repro_args == ("repro", "--single-item", "s")
-    assert repro_env["VAEFT_NPROC_PER_NODE"] == "3" and "VAEFT_STATUS_FILE" in repro_env
+    ((stage, repro_env),) = calls
+    assert stage == "s" and repro_env["VAEFT_NPROC_PER_NODE"] == "3" and "VAEFT_STATUS_FILE" in repro_env
 
 
 def test_retrain_cli_rejects_bad_gpus_before_any_stage(prefect_harness, capsys):

@@ -198,6 +198,28 @@ def test_a_file_as_out_is_one_line_before_any_training(tmp_path, model, tiny_par
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "ft-ema", "params.yaml"]
 
 
+def test_the_loss_curve_png_never_replaces_a_users_png(tmp_path, model, tiny_params_file, capsys):
+    """--log x.csv also writes x.png: a PNG there that vaeft did not draw is refused before training."""
+    from PIL import Image
+
+    from vaeft.train.logs import write_curve
+
+    data = tmp_path / "data"
+    data.mkdir()  # never read: the refusal comes first
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(tmp_path / "holiday.png")
+    before = (tmp_path / "holiday.png").read_bytes()
+    code, err = vaeft(["train", "ema", "--params", tiny_params_file, "--init", model, "--data", data,
+                       "--out", tmp_path / "ft", "--state-dir", tmp_path / "state", "--log", tmp_path / "holiday.csv"],
+                      capsys)
+    assert code == 2 and f"refusing to overwrite {tmp_path / 'holiday.png'}" in err, err
+    assert (tmp_path / "holiday.png").read_bytes() == before and not (tmp_path / "state").exists()
+    # A curve vaeft drew is its own to redraw.
+    from vaeft.train.engine import check_outputs
+
+    write_curve(tmp_path / "mine.csv", [{"step": 1, "loss": 0.5}], "ema")
+    check_outputs(tmp_path / "ft", tmp_path / "mine.csv", [data])
+
+
 def test_pretrain_and_evaluate_refuse_before_any_work(tmp_path, model, tiny_params_file, capsys):
     data = tmp_path / "data"
     data.mkdir()  # empty: any work would fail on it, so exit 2 with our message proves none ran

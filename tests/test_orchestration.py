@@ -30,9 +30,16 @@ def _stage_repo(tmp_path: Path, cmd: str) -> Path:
     ("python -c \"import sys; sys.exit(1)\"", "StageFailed", 3),
 ])
 def test_stage_failures_are_classified_for_retries(prefect_harness, tmp_path, cmd, error, attempts):
-    from prefect import flow
+    """... and, under the flows' command line wrapper, a user error ends in one line, exit 2."""
+    import contextlib
+    import io
+    import logging
 
-    from tasks.dvc_stage import StageFailed, run_stage
+    from prefect import flow
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    from flows.config import user_errors_in_one_line
+    from tasks.dvc_stage import StageFailed, StageUserError, run_stage
 
     repo = _stage_repo(tmp_path, f"echo x >> attempts.txt && {cmd}")
 
@@ -40,10 +47,25 @@ def test_stage_failures_are_classified_for_retries(prefect_harness, tmp_path, cm
     def one_stage() -> None:
         run_stage.with_options(retry_delay_seconds=0, retry_jitter_factor=None)("s", str(repo))
 
-    with pytest.raises(StageFailed) as info:
-        one_stage()
-    assert type(info.value).__name__ == error
+    # A console handler of our own (capfd would leave Prefect's bound to a stream it closes).
+    console, stderr = io.StringIO(), io.StringIO()
+    handler = PrefectConsoleHandler(stream=console)
+    logging.getLogger().addHandler(handler)
+    try:
+        with (pytest.raises((StageFailed, SystemExit)) as info, contextlib.redirect_stderr(stderr),
+              user_errors_in_one_line(StageUserError)):
+            one_stage()
+    finally:
+        logging.getLogger().removeHandler(handler)
     assert (repo / "attempts.txt").read_text().count("x") == attempts
+    if error == "StageUserError":
+        assert isinstance(info.value, SystemExit) and info.value.code == 2
+        assert stderr.getvalue() == "error: stage s: missing.yaml: params file not found\n"
+        assert "Beginning flow run" in console.getvalue()  # the console still shows the run ...
+        assert "Traceback" not in console.getvalue() and "Failed" not in console.getvalue()  # ... not the error
+    else:
+        assert type(info.value).__name__ == error
+        assert "Traceback" in console.getvalue()  # any other failure keeps Prefect's full report
 
 
 def test_evaluate_flow_has_a_cron_deployment():
@@ -77,8 +99,29 @@ def test_evaluate_flow_scores_checkpoints_and_writes_receipts(prefect_harness, t
     results = evaluate(checkpoints={"base": str(base_model)}, eval_sets={"held-out": str(curated)},
                        out=str(tmp_path / "eval"), params_file=str(params_file))
     metrics = results["held-out"]["metrics"]
-    assert set(metrics) == {"base"} and 5 < metrics["base"]["psnr_mean"] < 60
+    assert set(metrics) == {"base"} and 5 < metrics["base"]["psnr"] < 60
     receipt = json.loads((tmp_path / "eval" / "held-out" / "receipt.json").read_text())
     assert receipt["checkpoints_sha256"] == {"base": tree_sha256(base_model)}
     assert receipt["eval_set"]["sha256"] == tree_sha256(curated)
     assert (tmp_path / "eval" / "held-out" / "report" / "eval_table.md").is_file()
+
+
+def test_stage_runs_are_not_followed_by_dvc_advice(tmp_path):
+    """The flow passes each `dvc repro`'s stdout through without_dvc_hints: on real DVC output it
+    drops the git add / autostage / dvc push block and keeps the stage's own lines."""
+    from tasks.dvc_stage import without_dvc_hints
+
+    from .test_pipeline import _git
+
+    repo = tmp_path / "git-repo"
+    repo.mkdir()
+    _git(repo, "init", "-q")
+    (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"s": {"cmd": "echo stage-said-this > out && cat out",
+                                                                    "outs": ["out"]}}}))
+    (repo / ".dvc").mkdir()  # what `dvc init` would make that repro needs, without a second DVC start
+    (repo / ".dvc" / "config").write_text("[core]\n    analytics = false\n")
+    raw = _dvc(repo, "repro").stdout
+    assert "To track the changes with git" in raw and "dvc push" in raw  # what DVC says at a shell
+    kept = "".join(without_dvc_hints(raw.splitlines(keepends=True)))
+    assert "stage-said-this" in kept and "Running stage 's'" in kept
+    assert "git add" not in kept and "autostage" not in kept and "dvc push" not in kept and "\n\n\n" not in kept

@@ -76,6 +76,7 @@ def test_retrain_flow_end_to_end(prefect_harness, s3_endpoint, repo_copy, tmp_pa
     from flows.publish import publish
     from flows.retrain import retrain
     from vaeft.config import S3PublishParams
+    from vaeft.metrics.summary import HEADLINE_KEYS
     from vaeft.model.build import autoencoder_class
     from vaeft.provenance import read_run_record
 
@@ -106,6 +107,7 @@ def test_retrain_flow_end_to_end(prefect_harness, s3_endpoint, repo_copy, tmp_pa
         assert y.shape == x.shape and torch.isfinite(y).all()
     metrics = json.loads((repo / "metrics" / "eval.json").read_text())
     assert set(metrics) == {"original", "ft-ema", "ft-mse"}
+    assert all(set(m) <= set(HEADLINE_KEYS) and all(type(v) is float for v in m.values()) for m in metrics.values())
     for stage_dir in ("data/curated", "models/base", "models/ft-ema", "models/ft-mse", "reports/eval", "export"):
         info = json.loads((repo / stage_dir / "run_info.json").read_text())
         assert info["params"] and "git" not in info and "created_utc" not in info, stage_dir

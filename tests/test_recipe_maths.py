@@ -76,9 +76,9 @@ def _distance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 
 def test_ldm_recipes_do_not_clip_and_update_as_ldm(base_model):
     for name in ("sd-vae-ft", "sdxl"):
-        recipe = load_params(REPO_ROOT / "recipes" / f"{name}.yaml")
+        recipe = load_params(REPO_ROOT / "vaeft" / "recipes" / f"{name}.yaml")
         assert recipe.train.ema.grad_clip is None and recipe.train.mse.grad_clip is None, name
-    recipe = load_params(REPO_ROOT / "recipes" / "sd-vae-ft.yaml").train.ema
+    recipe = load_params(REPO_ROOT / "vaeft" / "recipes" / "sd-vae-ft.yaml").train.ema
     # The recipe's phase at toy scale: its optimizer, reduction, GAN and clip; LPIPS off (no
     # backbone here), fp32 so the reference can be plain float32 autograd.
     cfg = recipe.model_copy(update={

@@ -53,7 +53,7 @@ for name in ("m1", "m2"):
     save_file({"decoder.conv_out.weight": torch.randn(3, 4, 3, 3), "decoder.conv_out.bias": torch.randn(3)}, str(path))
     (out / name / "README.md").write_text(f"# {name}\\n")
 Path("metrics").mkdir(exist_ok=True)
-Path("metrics/eval.json").write_text(json.dumps({m: {"psnr_mean": 30.0, "ssim_mean": 0.9} for m in ("m1", "m2")}))
+Path("metrics/eval.json").write_text(json.dumps({m: {"psnr": 30.0, "ssim": 0.9} for m in ("m1", "m2")}))
 '''
 
 DVC_YAML = {"stages": {"export": {"cmd": "python make_export.py", "deps": ["make_export.py"],
@@ -118,7 +118,7 @@ def test_reproduce_cli_identical_then_a_release_that_differs(mini_release, tmp_p
     fake = json.loads(mini_release["receipt"].read_text())
     fake["outputs_sha256"]["m1/" + WEIGHTS] = file_sha256(altered / "m1" / WEIGHTS)
     fake["sha256sums_sha256"] = file_sha256(altered / SUMS_FILE)
-    fake["metrics"]["m1"]["psnr_mean"] = 31.0
+    fake["metrics"]["m1"]["psnr"] = 31.0
     fake_path = write_receipt(fake, altered)
     proc = _cli(str(fake_path), "--workdir", str(work), "--report", str(tmp_path / "r" / "altered.json"), cwd=repo)
     assert proc.returncode == EXIT_DIFFERS, proc.stderr[-3000:]
@@ -131,10 +131,10 @@ def test_reproduce_cli_identical_then_a_release_that_differs(mini_release, tmp_p
     assert bad["tensors"]["differing"] == 1 and bad["tensors"]["tensors"] == 2
     assert bad["tensors"]["largest"][0]["tensor"] == "decoder.conv_out.weight"
     assert bad["tensors"]["max_abs_diff"] == pytest.approx(0.5, abs=1e-6)
-    row = next(r for r in report["metrics"] if r["model"] == "m1" and r["metric"] == "psnr_mean")
+    row = next(r for r in report["metrics"] if r["model"] == "m1" and r["metric"] == "psnr")
     assert row["delta"] == pytest.approx(-1.0) and row["within"] is False
     md = (tmp_path / "r" / "altered.md").read_text()
-    assert "**differs**" in md and "decoder.conv_out.weight" in md and "| m1 | psnr_mean | 31.0000 | 30.0000 |" in md
+    assert "**differs**" in md and "decoder.conv_out.weight" in md and "| m1 | psnr | 31.0000 | 30.0000 |" in md
     assert "m1: differs (m1/diffusers/diffusion_pytorch_model.safetensors; max |Δ| over tensors 0.5)" in proc.stderr
 
 
@@ -190,13 +190,15 @@ def test_comparison_of_folders_and_the_verdict(tmp_path):
     other = compare_outputs(expected, _export(tmp_path / "other", 1.0 + 2**-20), release)
     assert other["a"]["status"] == "differs" and other["b"]["status"] == "identical"
     assert other["a"]["max_abs_diff"] == pytest.approx(2**-20)
-    release_m = {"a": {"psnr_mean": 30.0, "psnr_std": 2.0, "ssim_mean": 0.9, "n_images": 8}}
-    close = compare_metrics(release_m, {"a": {"psnr_mean": 30.04, "psnr_std": 2.5, "ssim_mean": 0.901, "n_images": 8}},
-                            DEFAULT_TOLERANCES)
-    assert {r["metric"]: r["within"] for r in close} == {"n_images": None, "psnr_mean": True, "psnr_std": None,
-                                                          "ssim_mean": True}
+    # A receipt from before the headline split (long form) against a rebuild's headline numbers.
+    release_m = {"a": {"psnr_mean": 30.0, "psnr_std": 2.0, "ssim_mean": 0.9, "n_images": 8,
+                       "unavailable": {"rfid": {"reason": "no weights"}}}}
+    close = compare_metrics(release_m, {"a": {"psnr": 30.04, "ssim": 0.901, "color_shift": 1.5}}, DEFAULT_TOLERANCES)
+    assert {r["metric"]: r["within"] for r in close} == {"psnr": True, "ssim": True, "color_shift": None}
     assert verdict(other, close) == "within_tolerance"
-    far = compare_metrics(release_m, {"a": {"psnr_mean": 29.9, "ssim_mean": 0.9}}, DEFAULT_TOLERANCES)
+    assert verdict(other, compare_metrics(release_m, {"a": {"psnr": 30.04, "ssim": 0.901}},
+                                          {"psnr_mean": 0.01})) == "differs"  # tolerances by their old names
+    far = compare_metrics(release_m, {"a": {"psnr": 29.9, "ssim": 0.9}}, DEFAULT_TOLERANCES)
     assert verdict(other, far) == "differs"
     assert verdict(other, []) == "differs"  # bytes differ and nothing says the model is still the same
 
@@ -224,7 +226,7 @@ def test_receipt_records_what_reproduce_needs(mini_release, tmp_path):
     assert receipt["git"]["changed"] == [".dvc/config"] and receipt["git"]["dirty"]  # the remote added above
     assert receipt["dvc_remote"]["name"] == "storage"
     assert receipt["metrics"] is None  # this copy has no metrics/eval.json
-    assert json.loads(mini_release["receipt"].read_text())["metrics"]["m1"]["psnr_mean"] == 30.0
+    assert json.loads(mini_release["receipt"].read_text())["metrics"]["m1"]["psnr"] == 30.0
     env = receipt["environment"]
     # The stages' thread count (they start with this environment), not the publishing process's.
     assert env["torch"] == torch.__version__ and env["torch_threads"] == int(os.environ["OMP_NUM_THREADS"])

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -44,6 +45,15 @@ def test_finetune_trains_decoder_side_only(tmp_path, curated, base_model, tiny_p
     assert moved, "the decoder did not train"
     log = (tmp_path / "log.csv").read_text().splitlines()
     assert log[0].startswith("step,") and "l1" in log[0] and len(log) == 1 + tiny_params.train.ema.steps // 2
+    # ... and its curve as a PNG beside it: a real image, with the loss line drawn across the plot.
+    from PIL import Image
+
+    png = Image.open(tmp_path / "log.png")
+    assert png.format == "PNG" and png.size == (640, 360)
+    line = np.all(np.asarray(png.convert("RGB")) == (31, 119, 180), axis=2)[26:330, 64:624]  # the plot area
+    cols = np.flatnonzero(line.any(axis=0))
+    assert cols.size and cols.min() <= 2 and cols.max() >= line.shape[1] - 3  # first step to last
+    assert np.ptp(np.flatnonzero(line.any(axis=1))) > 20  # the loss moved: not a flat line
     assert not list((tmp_path / "state").rglob("*.pt"))  # state cleared after success
 
 

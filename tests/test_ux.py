@@ -6,6 +6,7 @@ import re
 import subprocess
 import sys
 
+import pytest
 import yaml
 from typer.testing import CliRunner
 
@@ -51,7 +52,7 @@ def test_readme_statements_hold(monkeypatch, tmp_path):
     assert weights_dir().resolve() == (PROJECT_ROOT / "weights").resolve()
     # Every recipe and weight the section names exists.
     for name in re.findall(r"vaeft recipe apply (\S+)", SECTION):
-        assert (REPO_ROOT / "recipes" / f"{name}.yaml").is_file(), name
+        assert (REPO_ROOT / "vaeft" / "recipes" / f"{name}.yaml").is_file(), name
     registry = yaml.safe_load((REPO_ROOT / "vaeft" / "weights" / "registry.yaml").read_text())
     entries = registry["weights"]
     for name in re.search(r"vaeft weights pull ([\w -]+)", SECTION).group(1).split():
@@ -61,6 +62,15 @@ def test_readme_statements_hold(monkeypatch, tmp_path):
     for key in ("augment.crop_size", "train.ema.steps", "evaluate.image_size", "publish.target"):
         assert f"`{key}`" in reference, key
     assert "stage is a no-op" not in README  # it writes a pixel store on the embedded default
+    # The curves' PNG is a DVC output of every training stage, beside the CSV the section names.
+    for stage_log in ("pretrain", "train-ema", "train-mse"):
+        assert f"logs/{stage_log}.csv:" in dvc and f"- logs/{stage_log}.png" in dvc
+    assert "`logs/train-ema.png`" in SECTION and "`dvc metrics show`" in SECTION
+    # The metrics file's keys, as the Evaluation section lists them.
+    from vaeft.metrics.summary import HEADLINE_KEYS
+
+    evaluation = README.split("## Evaluation", 1)[1].split("\n## ", 1)[0]
+    assert all(f"`{k}`" in evaluation for k in HEADLINE_KEYS)
 
 
 def test_recipe_apply_keeps_an_edited_params_file(tmp_path):
@@ -103,7 +113,7 @@ def test_flow_refuses_bad_invocations_in_one_line_before_prefect_starts(tmp_path
     bad = tmp_path / "params.yaml"
     bad.write_text("seed: 0\ntrian: {}\n")  # a typo'd key
     env = {**__import__("os").environ, "PREFECT_HOME": str(tmp_path / "prefect-home")}
-    for args, expected in ((["--recipe", "nope"], "error: recipe 'nope': no recipes/nope.yaml"),
+    for args, expected in ((["--recipe", "nope"], "error: recipe 'nope': no vaeft/recipes/nope.yaml"),
                            (["--params-file", str(bad)], "trian")):
         proc = subprocess.run([sys.executable, "-m", "flows.retrain", *args], cwd=REPO_ROOT, env=env,
                               capture_output=True, text=True, timeout=120)
@@ -111,6 +121,15 @@ def test_flow_refuses_bad_invocations_in_one_line_before_prefect_starts(tmp_path
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], proc.stderr[-2000:]
         assert "Value error" not in lines[0] and "flow parameter flow" not in lines[0]
+    # A folder source that is not there fails in the same place (flows.retrain.main), the same way.
+    from flows.config import flow_config
+    from vaeft.config import ParamsError, load_params
+
+    missing = tmp_path / "missing.yaml"
+    missing.write_text(yaml.safe_dump({"data": {"sources": [{"name": "mine", "kind": "folder", "path": "/no/photos"}]}}))
+    cfg = flow_config(params_file=missing)
+    with pytest.raises(ParamsError, match="^data source 'mine': folder /no/photos does not exist$"):
+        cfg.check_sources(load_params(cfg.source_params()))
     # Refused before the flow ran: no Prefect server was started, no params were copied.
     home = tmp_path / "prefect-home"
     assert not home.exists() or not any(home.iterdir())  # Prefect makes its home on import, nothing more

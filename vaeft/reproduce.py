@@ -40,6 +40,7 @@ from vaeft.console import banner, console
 from vaeft.errors import STATUS_FILE_ENV, VaeftError
 from vaeft.export.release import SUMS_FILE
 from vaeft.hashing import file_sha256
+from vaeft.metrics.summary import headline
 from vaeft.publish.receipt import METRICS_FILE, build_environment
 from vaeft.train.determinism import CUBLAS_WORKSPACE, CUBLAS_WORKSPACE_ENV, DETERMINISTIC_ENV
 
@@ -58,7 +59,7 @@ REPORT_NAME = "reproduce_report"
 # published protocol (COCO 2017 val, 5000 images; σ from the model cards, REFERENCE §4):
 # PSNR σ 3.7-3.9 dB -> 3.8/√5000 = 0.054; SSIM σ 0.13 -> 0.0018; PSIM σ 0.27 -> 0.0038. A rebuild
 # further off than that is distinguishable from the release by the release's own evaluation.
-DEFAULT_TOLERANCES: dict[str, float] = {"psnr_mean": 0.05, "ssim_mean": 0.002, "psim_candidate_mean": 0.004}
+DEFAULT_TOLERANCES: dict[str, float] = {"psnr": 0.05, "ssim": 0.002, "psim_candidate": 0.004}
 
 # Environment keys that make a different machine type (the rest are software versions).
 MACHINE_KEYS = ("machine", "cpu", "cpu_count", "torch_threads", "cuda_device")
@@ -233,9 +234,13 @@ def _num(x: Any) -> bool:
 
 def compare_metrics(release: dict[str, Any] | None, rebuilt: dict[str, Any] | None,
                     tolerances: dict[str, float]) -> list[dict[str, Any]]:
-    """Rows of (model, metric, release, rebuilt, delta, tolerance, within) for every numeric value
-    of either ``metrics/eval.json``; ``within`` is None where no tolerance applies or a side lacks it."""
-    release, rebuilt = release or {}, rebuilt or {}
+    """Rows of (model, metric, release, rebuilt, delta, tolerance, within) for every headline
+    number of either ``metrics/eval.json``; ``within`` is None where no tolerance applies or a side
+    lacks it. Receipts from before the headline split (``psnr_mean`` ...) compare in the short
+    form, and so do tolerances named the old way."""
+    release = {m: headline(v or {}) for m, v in (release or {}).items()}
+    rebuilt = {m: headline(v or {}) for m, v in (rebuilt or {}).items()}
+    tolerances = {k.removesuffix("_mean"): v for k, v in tolerances.items()}
     rows = []
     for model in sorted(set(release) | set(rebuilt)):
         r, b = release.get(model) or {}, rebuilt.get(model) or {}

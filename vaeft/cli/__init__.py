@@ -47,6 +47,8 @@ def _record_status(code: int, err: BaseException | None, detail: dict | None = N
         return
     kind = "user" if code == USER_ERROR_EXIT else ("ok" if code == 0 else "failure")
     status = {"exit_code": code, "kind": kind, "error": type(err).__name__ if err else None}
+    if kind == "user" and err is not None:
+        status["message"] = str(err)  # the orchestrator's one line names the cause
     with contextlib.suppress(OSError):
         atomic.write_json(target, {**status, **(detail or {}), "exit_code": code, "kind": kind})
 

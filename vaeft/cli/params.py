@@ -16,7 +16,8 @@ recipe_app = typer.Typer(help="Recipe presets (real-run params files).", no_args
 app.add_typer(params_app, name="params")
 app.add_typer(recipe_app, name="recipe")
 
-RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
+# Package data (pyproject), so that `vaeft recipe list` works from a wheel install too.
+RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
 
 
 

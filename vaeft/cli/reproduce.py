@@ -38,9 +38,9 @@ def reproduce(
 
     tolerances = dict(DEFAULT_TOLERANCES)
     if psnr_tol is not None:
-        tolerances["psnr_mean"] = psnr_tol
+        tolerances["psnr"] = psnr_tol
     if ssim_tol is not None:
-        tolerances["ssim_mean"] = ssim_tol
+        tolerances["ssim"] = ssim_tol
     params = ReproduceParams(repo=repo, remote=remote, deterministic=deterministic, tolerances=tolerances,
                              s3_endpoint_url=s3_endpoint_url)
     try:

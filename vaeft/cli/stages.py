@@ -75,7 +75,7 @@ def pretrain(
     params: ParamsOpt = DEFAULT_PARAMS_FILE,
     data: Annotated[Path, typer.Option(help="curated data directory")] = Path("data/curated"),
     out: Annotated[Path, typer.Option("--out", "-o", help="output diffusers folder")] = Path("models/base"),
-    log: Annotated[Path | None, typer.Option(help="training log CSV (DVC plot)")] = None,
+    log: Annotated[Path | None, typer.Option(help="training log CSV (DVC plot); its loss curve is drawn beside it as .png")] = None,
     state_dir: Annotated[Path, typer.Option(help="resumable training state (outside DVC outputs)")] = Path(".vaeft/state"),
     crops: Annotated[Path | None, typer.Option(help="the augment stage's output (materialised crops or pixel store)")] = None,
     force: ForceOpt = False,
@@ -108,7 +108,7 @@ def train(
     params: ParamsOpt = DEFAULT_PARAMS_FILE,
     data: Annotated[Path, typer.Option(help="curated data directory")] = Path("data/curated"),
     out: Annotated[Path | None, typer.Option("--out", "-o", help="output diffusers folder [models/ft-PHASE]")] = None,
-    log: Annotated[Path | None, typer.Option(help="training log CSV (DVC plot)")] = None,
+    log: Annotated[Path | None, typer.Option(help="training log CSV (DVC plot); its loss curve is drawn beside it as .png")] = None,
     state_dir: Annotated[Path, typer.Option(help="resumable training state (outside DVC outputs)")] = Path(".vaeft/state"),
     crops: Annotated[Path | None, typer.Option(help="the augment stage's output (materialised crops or pixel store); online crops if empty")] = None,
     force: ForceOpt = False,
@@ -157,13 +157,15 @@ def export(
     params: ParamsOpt = DEFAULT_PARAMS_FILE,
     out: Annotated[Path, typer.Option("--out", "-o", help="export directory")] = Path("export"),
     eval_table: Annotated[Path | None, typer.Option(help="markdown eval table to put in the model cards")] = None,
+    data: Annotated[Path | None, typer.Option(help="curated data the models were trained on (for the model cards)")] = None,
     force: ForceOpt = False,
 ) -> None:
     """Write each model as a diffusers folder with a model card, plus SHA256SUMS."""
     from vaeft.export.release import export_models
 
     models = {k: require(v, f"model {k!r}") for k, v in named_paths(model, "--model").items()}
-    export_models(load(params).export, models, out, eval_table, force=force)
+    export_models(load(params).export, models, out, eval_table, data_dir=data and require(data, "--data folder"),
+                  force=force)
 
 
 @app.command()

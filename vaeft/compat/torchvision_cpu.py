@@ -8,10 +8,15 @@ load, and its Python code then fails at import time while registering fake kerne
 Defining the two operator schemas ourselves lets the import finish. Models and transforms then
 work; ``torchvision.ops.nms`` and ``torchvision.io`` do not (vaeft uses Pillow for image I/O).
 Where torchvision imports normally (any CUDA machine) this module does nothing.
+
+``import vaeft`` installs :func:`install_import_hook`, so a later ``import torchvision`` (by
+diffusers, lpips, torch-fidelity or the user) gets the work-around without importing torch or
+torchvision up front: ``import vaeft`` stays cheap for the CLI.
 """
 
 from __future__ import annotations
 
+import importlib.machinery
 import sys
 
 _OP_SCHEMAS = {
@@ -30,7 +35,9 @@ def ensure_torchvision() -> bool:
     if _state["done"]:
         return bool(_state["patched"])
     try:
-        import torchvision
+        import torchvision  # through the import hook when it is installed: it sets _state
+        if _state["done"]:
+            return bool(_state["patched"])
     except RuntimeError as exc:
         if "torchvision::" not in str(exc):
             raise
@@ -67,3 +74,59 @@ def _op_exists(name: str) -> bool:
     except (AttributeError, RuntimeError):
         return False
     return True
+
+
+# The finder and loader follow importlib's protocols without subclassing importlib.abc, whose
+# import (typing, importlib.resources) would cost `import vaeft` tens of milliseconds.
+
+
+class _TorchvisionLoader:
+    """Runs torchvision's own loader; if that fails for want of the op schemas, defines them and
+    runs it again on the same module object (the import system holds on to that one)."""
+
+    def __init__(self, real) -> None:
+        self.real = real
+
+    def create_module(self, spec):
+        return self.real.create_module(spec)
+
+    def exec_module(self, module) -> None:
+        _remove_hook()  # one import only (find_spec alone, as availability checks call it, is not one)
+        try:
+            self.real.exec_module(module)
+        except RuntimeError as exc:
+            if "torchvision::" not in str(exc):
+                raise
+            for name in [m for m in sys.modules if m.startswith("torchvision.")]:
+                del sys.modules[name]
+            _define_missing_schemas()
+            self.real.exec_module(module)
+            _state["patched"] = True
+        finally:
+            module.__spec__.loader = module.__loader__ = self.real
+        _state["done"] = True
+
+
+class _TorchvisionFinder:
+    def find_spec(self, name, path=None, target=None):
+        if name != "torchvision":
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        if spec is None or spec.loader is None:
+            return spec
+        spec.loader = _TorchvisionLoader(spec.loader)
+        return spec
+
+
+_HOOK = _TorchvisionFinder()
+
+
+def _remove_hook() -> None:
+    if _HOOK in sys.meta_path:
+        sys.meta_path.remove(_HOOK)
+
+
+def install_import_hook() -> None:
+    """Apply :func:`ensure_torchvision`'s work-around at the first ``import torchvision``."""
+    if "torchvision" not in sys.modules and _HOOK not in sys.meta_path:
+        sys.meta_path.insert(0, _HOOK)

@@ -1,7 +1,9 @@
 """The ``evaluate`` stage: reconstruct the eval set with each model and write the results.
 
-Outputs: a metrics JSON keyed by model (DVC metrics), and in the report directory a markdown
-table in the model cards' format, a per-image CSV and a comparison grid PNG.
+Outputs: a short metrics JSON (DVC metrics): per model only the headline numbers, so that
+``dvc metrics show`` stays readable; and in the report directory the detail: every summary with
+its spread and the reasons a metric is unavailable (``metrics.json``), a markdown table in the
+model cards' format, a per-image CSV and a comparison grid PNG.
 
 Images are streamed in batches: per model, each batch is read, reconstructed, scored and
 dropped; only per-image scalars, running FID sums and the few grid rows are kept.
@@ -29,19 +31,21 @@ from vaeft.evaluate.suite import NOTES, Accumulator, MetricOptions, PairMetrics,
 from vaeft.figures import comparison_grid
 from vaeft.metrics.fid import RunningStats
 from vaeft.metrics.perceptual import PSIM_DEFINITION, PSIM_LABEL
-from vaeft.metrics.summary import json_safe
+from vaeft.metrics.summary import COLOR_SHIFT_NOTE, headline, json_safe
 from vaeft.model.io import load_autoencoder
 
 TABLE_FILE = "eval_table.md"
 PER_IMAGE_FILE = "per_image.csv"
 GRID_FILE = "comparison_grid.png"
+DETAIL_FILE = "metrics.json"
 
 
 @dataclass(frozen=True)
 class EvalResult:
     metrics_file: Path
     report_dir: Path
-    metrics: dict[str, dict]
+    metrics: dict[str, dict[str, float]]  # the headline numbers, as in metrics_file
+    detail: dict[str, dict]  # every summary, as in report_dir / DETAIL_FILE
 
 
 def _autocast(device: torch.device, bf16: bool):
@@ -196,10 +200,13 @@ def evaluate_models(
             del vae
             summaries[name] = acc.summary(pair, ref_stats if pair.inception is not None else None)
             per_image[name] = acc.arrays()
-    metrics = {name: json_safe(s.as_dict()) for name, s in summaries.items()}
+    detail = {name: json_safe(s.as_dict()) for name, s in summaries.items()}
+    metrics = {name: headline(d) for name, d in detail.items()}
     atomic.write_json(metrics_file, metrics)
     with atomic.atomic_dir(report_dir, "eval-report", force=force, inputs=inputs) as tmp:
-        atomic.write_text(tmp / TABLE_FILE, markdown_table(metrics, train_steps or {}, protocol))
+        atomic.write_json(tmp / DETAIL_FILE, {"models": detail, "protocol": protocol,
+                                              "notes": {**NOTES, "color_shift": COLOR_SHIFT_NOTE}})
+        atomic.write_text(tmp / TABLE_FILE, markdown_table(detail, train_steps or {}, protocol))
         atomic.write_text(tmp / PER_IMAGE_FILE, _per_image_csv(items, per_image, pair.per_image_names))
         if params.grid_rows and grid_orig:
             comparison_grid(np.stack(grid_orig), {k: np.stack(v) for k, v in grid_recons.items()},
@@ -209,9 +216,9 @@ def evaluate_models(
                                   notes=NOTES, device=str(device),
                                   unavailable={k: Unavailable.as_dict(v) for k, v in pair.unavailable.items()})
     provenance.record_run(report_dir, "evaluate")
-    for name, m in metrics.items():
+    for name, m in detail.items():
         console.print(f"  {name:>10}: PSNR {_pm(m, 'psnr', 2) or 'n/a'} dB, SSIM {_pm(m, 'ssim', 3) or 'n/a'}")
-    return EvalResult(metrics_file, report_dir, metrics)
+    return EvalResult(metrics_file, report_dir, metrics, detail)
 
 
 def _per_image_csv(items, per_image: dict[str, dict[str, np.ndarray]], names: list[str]) -> str:

@@ -12,8 +12,10 @@ Layout::
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -37,14 +39,97 @@ class ExportResult:
         return self.out_dir / SUMS_FILE
 
 
-def model_card(name: str, eval_table: str | None) -> str:
-    lines = [
-        f"# {name}",
-        "",
-        "A kl-f8 autoencoder whose decoder was fine-tuned with vaeft (encoder unchanged, so the",
-        "latents are those of the base model and this is a drop-in replacement).",
+# Reconstruction loss terms in the order a card lists them (the other LossParams keys are options).
+_LOSS_TERMS = ("l1", "mse", "oklab_l1", "oklab_mse", "lpips", "kl")
+
+
+def lineage(model_dir: str | Path, limit: int = 16) -> list[dict[str, Any]]:
+    """The run_info of ``model_dir``, of the model it was trained from (``init``), and so on back
+    to the base: oldest first. Stops where a folder has no run_info (a model from elsewhere)."""
+    chain: list[dict[str, Any]] = []
+    path: Path | None = Path(model_dir)
+    while path is not None and len(chain) < limit:
+        try:
+            info = json.loads((path / provenance.RUN_INFO_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            break
+        chain.append(info)
+        path = Path(info["init"]) if info.get("init") else None
+    return chain[::-1]
+
+
+def _phase_params(info: dict[str, Any]) -> dict[str, Any]:
+    return next((v for k, v in info.get("params", {}).items() if k.startswith("train.")), {})
+
+
+def _loss_text(cfg: dict[str, Any]) -> str:
+    loss = cfg.get("loss") or {}
+    terms = [f"{loss[k]:g}·{'LPIPS-' + loss.get('lpips_net', 'vgg').upper() if k == 'lpips' else k.upper()}"
+             for k in _LOSS_TERMS if loss.get(k)]
+    gan = cfg.get("gan")
+    if gan:
+        terms.append(f"{gan.get('kind', 'patchgan')} GAN (weight {gan.get('disc_weight', 0):g}, "
+                     f"from step {gan.get('disc_start', 0)})")
+    return " + ".join(terms) + (f", {loss['reduction']}-reduced" if loss.get("reduction") == "sum" else "")
+
+
+def _training_table(chain: list[dict[str, Any]]) -> list[str]:
+    lines = ["| phase | steps | global batch | lr | loss | trained | weights |", "|---|---|---|---|---|---|---|"]
+    for info in chain:
+        if info.get("imported_from"):
+            lines.append(f"| {info.get('stage', '?')} | — | — | — | — | imported `{info['imported_from']}` | — |")
+            continue
+        cfg = _phase_params(info)
+        ema = f"EMA {cfg['ema_decay']:g}" if info.get("weights") == "ema" and cfg.get("ema_decay") else info.get("weights", "?")
+        lines.append(f"| {info.get('stage', '?')} | {info.get('steps', '?')} | {info.get('global_batch', '?')} | "
+                     f"{cfg.get('lr', '?')} | {_loss_text(cfg)} | {cfg.get('trainable', '?')} | {ema} |")
+    return lines
+
+
+def _data_lines(data_dir: Path | None) -> list[str]:
+    if data_dir is None:
+        return ["Not recorded (exported without `--data`)."]
+    try:
+        report = json.loads((data_dir / "curation_report.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return [f"Not recorded (no curation report in `{data_dir.name}`)."]
+    sources = ", ".join(f"{name} ({s.get('kept', '?')} kept of {s.get('seen', '?')})"
+                        for name, s in (report.get("per_source") or {}).items())
+    return [f"{report.get('kept', '?')} curated images ({report.get('train', '?')} for training, "
+            f"{report.get('eval', '?')} held out for evaluation), {report.get('rejected', 0)} rejected, "
+            f"{report.get('duplicates', 0)} near-duplicate(s) dropped. Sources: {sources or 'not recorded'}."]
+
+
+def model_card(name: str, eval_table: str | None, chain: list[dict[str, Any]] | None = None,
+               data_dir: Path | None = None) -> str:
+    """The README of one exported model. ``chain``: :func:`lineage` of the model. A model whose
+    base vaeft pretrained from scratch is the demo's: the card says so and claims no
+    compatibility with any released VAE."""
+    chain = chain or []
+    base = chain[0] if chain else {}
+    demo = base.get("stage") == "train-pretrain"
+    decoder_only = all(_phase_params(i).get("trainable") == "decoder" for i in chain[1:]) and len(chain) > 1
+    lines = [f"# {name}", ""]
+    if demo:
+        arch = base.get("params", {}).get("model", {}).get("architecture", {})
+        lines += [
+            "**A demo model.** Its base is not a released VAE: vaeft pretrained a small kl-f8-shaped",
+            f"autoencoder (block channels {arch.get('block_out_channels', '?')}) from scratch for "
+            f"{base.get('steps', '?')} steps on the data below,",
+            "then fine-tuned its decoder. It shows the pipeline end to end; it is not a usable Stable",
+            "Diffusion VAE and replaces none.",
+        ]
+    elif base.get("imported_from"):
+        lines.append(f"A kl-f8 autoencoder fine-tuned with vaeft from `{base['imported_from']}`.")
+        if decoder_only:
+            lines.append("The encoder was frozen in every phase, so the latents are the base's: this decoder "
+                         "can replace the base's decoder.")
+    else:
+        lines.append("A kl-f8 autoencoder fine-tuned with vaeft (its training history was not recorded).")
+    lines += [
         "",
         "```python",
+        "import vaeft  # on a CPU-only torch: torchvision's work-around (diffusers imports torchvision)",
         "from diffusers import AutoencoderKL",
         f'vae = AutoencoderKL.from_pretrained("{name}/diffusers")',
         "```",
@@ -53,8 +138,14 @@ def model_card(name: str, eval_table: str | None) -> str:
         "that load single-file VAEs.",
         "",
     ]
+    if chain:
+        lines += ["## Training", "", *_training_table(chain), ""]
+    lines += ["## Data", "", *_data_lines(data_dir), ""]
     if eval_table:
-        lines += ["## Evaluation", "", eval_table.strip(), ""]
+        lines += ["## Evaluation", ""]
+        if demo:
+            lines += ["`original` in these tables is the demo's own base above, not the released kl-f8.", ""]
+        lines += [eval_table.strip(), ""]
     return "\n".join(lines)
 
 
@@ -85,9 +176,11 @@ def export_models(
     out_dir: str | Path,
     eval_table: str | Path | None = None,
     *,
+    data_dir: str | Path | None = None,
     force: bool = False,
 ) -> ExportResult:
-    """``force``: replace ``out_dir`` even when it is not an export vaeft wrote."""
+    """``data_dir``: the curated data the models were trained on (its curation report goes into
+    the model cards). ``force``: replace ``out_dir`` even when it is not an export vaeft wrote."""
     if not models:
         raise ValueError("export needs at least one model (NAME=PATH)")
     out_dir = Path(out_dir)
@@ -102,7 +195,8 @@ def export_models(
             vae = load_autoencoder(path, dtype=dtype)
             save_diffusers(vae, tmp / name / "diffusers", marked=False)
             save_ldm(vae, tmp / name / "ldm" / f"{name}.safetensors")
-            atomic.write_text(tmp / name / "README.md", model_card(name, table))
+            atomic.write_text(tmp / name / "README.md", model_card(name, table, lineage(path),
+                                                                   Path(data_dir) if data_dir else None))
             written[name] = out_dir / name / "diffusers"
         # run_info names the input paths, not the release: SHA256SUMS covers the released files only.
         write_sums(tmp)

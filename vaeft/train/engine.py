@@ -44,11 +44,13 @@ from vaeft.train.gan import DiscriminatorInitError, base_discriminator, write_di
 from vaeft.train.logs import (
     PERF_COLUMNS,
     ReconstructionGrids,
+    check_curve_target,
     log_csv,
     memory_mb,
     perf_log_path,
     print_row,
     tensorboard_writer,
+    write_curve,
 )
 from vaeft.train.step import TrainStep
 
@@ -154,6 +156,7 @@ def check_outputs(out_dir: str | Path, log_file: str | Path | None, inputs: list
     atomic.check_dir_target(out_dir, "model", force=force, inputs=ins)
     if log_file is not None:
         atomic.check_file_target(log_file, (".csv",), force=force, inputs=ins)
+        check_curve_target(log_file, force=force, inputs=ins)
 
 
 def train_phase(
@@ -267,6 +270,7 @@ def _train(phase: str, params: Params, cfg: TrainPhaseParams, ctx: dist_.DistCon
     recon_terms = [*loss_fn.terms, *(["lpips"] if loss_fn.lpips is not None else [])]
     last_loss = math.nan
     t0 = time.perf_counter()
+    curve_at = 0.0  # when the PNG curve was last drawn (live: at most every CURVE_EVERY_S)
     t_window, n_window = time.perf_counter(), 0
     acc = cfg.accumulate
     loader = iter(train_batches(data_dir, params.augment, params.seed, cfg.batch_size, counters.micro_batch, cfg.steps * acc,
@@ -316,7 +320,7 @@ def _train(phase: str, params: Params, cfg: TrainPhaseParams, ctx: dist_.DistCon
                     elapsed = time.perf_counter() - t0
                     print_row(phase, row, cfg.steps, elapsed / (done - start) * (cfg.steps - done))
                     if log_file is not None:  # as it goes, so a live run can be plotted
-                        _write_logs(log_file, log_rows)
+                        curve_at = _write_logs(log_file, log_rows, phase, curve_at)
                     if tb is not None:
                         for k, v in row.items():
                             if k != "step":
@@ -347,7 +351,7 @@ def _train(phase: str, params: Params, cfg: TrainPhaseParams, ctx: dist_.DistCon
         )
         provenance.record_run(out_dir, f"train-{phase}")
         if log_file is not None:
-            _write_logs(log_file, log_rows)
+            _write_logs(log_file, log_rows, phase)
         if tb is not None:
             tb.close()
         store.clear()
@@ -371,9 +375,20 @@ def _rolled_back(ctx: dist_.DistContext, store: CheckpointStore, phase: str, ste
             f"lower train.{phase}.lr or check the data")
 
 
-def _write_logs(log_file: Path, log_rows: list[dict]) -> None:
+# Drawing the PNG takes tens of ms: on short log intervals it would slow a toy run noticeably.
+CURVE_EVERY_S = 30.0
+
+
+def _write_logs(log_file: Path, log_rows: list[dict], phase: str, curve_at: float | None = None) -> float:
+    """The CSVs every time; the PNG curve when ``curve_at`` is None (the end) or long enough ago.
+    Returns when the curve was last drawn."""
     atomic.write_text(log_file, log_csv(log_rows, drop=PERF_COLUMNS))
     atomic.write_text(perf_log_path(log_file), log_csv(log_rows, columns=PERF_COLUMNS))
+    now = time.perf_counter()
+    if curve_at is None or now - curve_at >= CURVE_EVERY_S:
+        write_curve(log_file, log_rows, phase)
+        return now
+    return curve_at
 
 
 def _save_checkpoint(ctx: dist_.DistContext, store: CheckpointStore, runner: TrainStep, counters: Progress) -> None:
@@ -427,4 +442,5 @@ def prepare_base(
     provenance.record_run(out_dir, "pretrain")
     if log_file is not None:
         atomic.write_text(log_file, "step,loss\n")
+        write_curve(log_file, [], "pretrain (imported base)")
     return TrainResult("pretrain", Path(out_dir), 0, 0, 0, math.nan, time.perf_counter() - t0)

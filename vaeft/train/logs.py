@@ -16,9 +16,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vaeft import atomic
 from vaeft.console import console
 from vaeft.data.evalset import eval_images
-from vaeft.figures import comparison_grid
+from vaeft.figures import comparison_grid, line_chart
 
 # Wall-clock and memory readings: they differ between two identical runs, so they stay out of
 # the CSV that DVC hashes (a plots output) and go to the run's record instead (perf_log_path).
@@ -42,6 +43,50 @@ def log_csv(rows: list[dict[str, float]], columns: tuple[str, ...] | None = None
     writer.writeheader()
     writer.writerows(rows)
     return buf.getvalue()
+
+
+def curve_path(log_file: str | Path) -> Path:
+    """The PNG of the loss curves, beside the CSV (``logs/train-ema.csv`` -> ``logs/train-ema.png``)."""
+    return Path(log_file).with_suffix(".png")
+
+
+# The curve is an output nobody named on the command line (it follows --log): it may replace a
+# PNG only if that PNG is one of ours, which this text chunk says.
+_CURVE_TAG = ("Software", "vaeft training curve")
+
+
+def check_curve_target(log_file: str | Path, force: bool = False, inputs: list[str | Path] = ()) -> Path:
+    """Refuse (before any training) to draw the curve over a PNG that vaeft did not draw."""
+    from PIL import Image
+
+    path = atomic.check_file_target(curve_path(log_file), (".png",), force=force, inputs=inputs)
+    if path.exists() and not force:
+        try:
+            with Image.open(path) as img:
+                ours = getattr(img, "text", {}).get(_CURVE_TAG[0]) == _CURVE_TAG[1]
+        except OSError:
+            ours = False
+        if not ours:
+            raise atomic.OutputRefusedError(
+                f"refusing to overwrite {path}: the loss curve of --log {log_file} goes there and this PNG "
+                "is not one vaeft drew (move it, log elsewhere, or pass --force)")
+    return path
+
+
+def write_curve(log_file: str | Path, rows: list[dict[str, float]], phase: str) -> Path:
+    """Draw every ``*loss`` column of ``rows`` over the step into :func:`curve_path`."""
+    from PIL.PngImagePlugin import PngInfo
+
+    names = [k for k in dict.fromkeys(k for r in rows for k in r) if k == "loss" or k.endswith("_loss")]
+    chart = line_chart([r["step"] for r in rows], {n: [r.get(n, float("nan")) for r in rows] for n in names},
+                       f"{phase}: training loss")
+    info = PngInfo()
+    info.add_text(*_CURVE_TAG)
+    buf = io.BytesIO()
+    chart.save(buf, format="PNG", pnginfo=info)
+    path = curve_path(log_file)
+    atomic.write_bytes(path, buf.getvalue())
+    return path
 
 
 def memory_mb(device: torch.device) -> float:
