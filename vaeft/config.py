@@ -99,10 +99,10 @@ class DataParams(_Strict):
     # Process-pool size (0: all CPU cores; 1: in-process) and items per work unit.
     workers: NonNegativeInt = 0
     shard_size: PositiveInt = 256
-    # The curated dataset's tar shards (not the work units above): a shard is closed at whichever
-    # limit comes first. ~0.5 GB keeps a 10 M-image set at tens of files per 100k images for DVC
-    # while one shard still downloads in seconds to a training node's cache.
-    shard_max_bytes: PositiveInt = 512 * 1024 * 1024
+    # The curated dataset's tar shards (not the work units above), closed at whichever limit comes
+    # first: 100k web JPEGs of ~300 KB are ~30 shards of 1 GiB (DVC tracks tens of files, not
+    # 100k), and one shard still reaches a training node's cache in seconds.
+    shard_max_bytes: PositiveInt = 1 << 30
     shard_max_images: PositiveInt = 4096
     # Per-shard partial results for resuming, kept outside the (atomically replaced) output.
     work_dir: str = ".vaeft/curate-work"
