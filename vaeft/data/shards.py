@@ -68,7 +68,7 @@ class ShardWriter:
 
     def __init__(self, root: str | Path, prefix: str, max_bytes: int, max_images: int) -> None:
         self.root, self.prefix, self.max_bytes, self.max_images = Path(root), prefix, max_bytes, max_images
-        (self.root / SHARD_DIR).mkdir(exist_ok=True)
+        (self.root / SHARD_DIR).mkdir(parents=True, exist_ok=True)
         self.shards: list[str] = []
         self._fh: BinaryIO | None = None
         self._n = self._bytes = 0
