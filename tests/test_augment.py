@@ -14,8 +14,8 @@ from skimage import data as skdata
 from vaeft.augment.crops import CropSpec, naive_crop, render, render_array, sample_rng, sample_spec
 from vaeft.config import AugmentParams
 from vaeft.data.loader import CropStream, StepSampler, decode_rgb, train_batches
-from vaeft.data.shards import ShardStore
 from vaeft.data.manifest import read_manifest
+from vaeft.data.shards import ShardStore
 from vaeft.metrics.psnr import psnr
 
 

@@ -133,6 +133,11 @@ def test_remote_dataset_rank_downloads_only_its_shards(tmp_path, curated, s3_end
     assert need < train_shards  # the draw is fixed by the seed: this rank needs a strict subset
     cached = {p.relative_to(remote.data.store.cache).as_posix() for p in remote.data.store.cache.rglob("*.tar")}
     assert remote.data.store.touched == need and cached == need
+    # Ranged reads: the same crops, one GET per image, nothing staged.
+    ranged = CropStream("s3://data/curated", p, seed=5, length=10_000, cache_dir=tmp_path / "nocache",
+                        storage_options=opts, shard_cache=False)
+    assert all(np.array_equal(a, b) for a, b in zip(got, _samples(ranged, steps, batch, rank, world), strict=True))
+    assert ranged.data.store.touched == need and not (tmp_path / "nocache").exists()
     # Evaluation reads the eval split from the same remote root.
     from vaeft.data.evalset import eval_items, load_eval_image
 

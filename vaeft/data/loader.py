@@ -42,10 +42,12 @@ class CropStream(Dataset):
 
     def __init__(self, data_dir: str | Path, augment: AugmentParams, seed: int, length: int, split: str = "train",
                  pixel_dir: str | Path | None = None, *, cache_dir: str | Path | None = None,
-                 storage_options: dict | None = None) -> None:
+                 storage_options: dict | None = None, shard_cache: bool = True) -> None:
+        """``data_dir``: a curated dataset's directory or URL; for a URL, ``shard_cache`` False reads
+        each image with a ranged GET instead of staging whole shards in ``cache_dir``."""
         from vaeft.data.materialize import PixelStore
 
-        self.data = CuratedSet(data_dir, cache_dir=cache_dir, storage_options=storage_options)
+        self.data = CuratedSet(data_dir, cache_dir=cache_dir, storage_options=storage_options, cache=shard_cache)
         self.rows = self.data.split(split)
         if not self.rows:
             raise ValueError(f"{data_dir}: the manifest has no {split} images")

@@ -180,7 +180,7 @@ def materialize_crops(
     console.print(f"augment: {len(index)} crops in {n_shards} shards" if k else "augment: nothing materialised")
     if augment.pixel_store:
         console.print(f"augment: pixel store of {len(pixel_rows(rows, augment))} of {len(rows)} images "
-                      f"(JPEGs are cropped from their bytes), {stored_bytes / 2**20:.1f} MiB")
+                      f"({'JPEGs are cropped from their bytes' if augment.jpeg_draft else 'every format'}), {stored_bytes / 2**20:.1f} MiB")
     return MaterializeResult(out_dir, len(index), n_shards)
 
 

@@ -11,7 +11,9 @@ members in manifest order, so the same images always give the same bytes (DVC ha
 ``webdataset``/``wids`` and ``tar`` read them as they are; vaeft reads one image with one seek
 and one read of ``size`` bytes at ``offset`` (the manifest is the offset index), so training
 never scans a shard. A remote root is read through a local cache of whole shards, fetched on
-first use: a process downloads only the shards holding the samples it draws.
+first use (a process downloads only the shards holding the samples it draws), or with
+``cache=False`` member by member with ranged reads (one GET of ``size`` bytes per image, nothing
+staged: what a randomly shuffled run over a large remote dataset wants, see README "Data at scale").
 """
 
 from __future__ import annotations
@@ -139,8 +141,10 @@ class ShardStore:
     """
 
     def __init__(self, root: str | Path, *, version: str = "", cache_dir: str | Path | None = None,
-                 storage_options: dict | None = None) -> None:
+                 storage_options: dict | None = None, cache: bool = True) -> None:
         self.remote = is_url(root)
+        self.ranged = self.remote and not cache
+        self._fs: Any = None
         self.root = str(root).rstrip("/") if self.remote else str(Path(root))
         self.storage_options = storage_options or {}
         key = hashlib.sha256(f"{self.root}\n{version}".encode()).hexdigest()[:20]
@@ -150,7 +154,7 @@ class ShardStore:
         self._lock = threading.Lock()  # evaluation reads from a thread pool
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_files": OrderedDict(), "touched": set(), "_lock": None}
+        return {**self.__dict__, "_files": OrderedDict(), "touched": set(), "_lock": None, "_fs": None}
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
@@ -183,11 +187,22 @@ class ShardStore:
         return fh
 
     def read(self, shard: str, offset: int, size: int) -> bytes:
-        with self._lock:
-            data = os.pread(self._file(shard).fileno(), size, offset)
+        if self.ranged:
+            data = self._ranged(shard, offset, size)
+        else:
+            with self._lock:
+                data = os.pread(self._file(shard).fileno(), size, offset)
         if len(data) != size:
             raise OSError(f"{shard}: {len(data)} of {size} bytes at offset {offset} (shard truncated?)")
         return data
+
+    def _ranged(self, shard: str, offset: int, size: int) -> bytes:
+        if self._fs is None:
+            import fsspec
+
+            self._fs = fsspec.core.url_to_fs(self.root, **self.storage_options)[0]
+        self.touched.add(shard)
+        return self._fs.cat_file(f"{self.root}/{shard}", start=offset, end=offset + size)
 
     def read_row(self, row: ManifestRow) -> bytes:
         return self.read(row.shard, row.offset, row.size)
@@ -205,12 +220,13 @@ class CuratedSet:
     """A curated dataset root (directory or URL): its manifest rows and a :class:`ShardStore`."""
 
     def __init__(self, root: str | Path, *, cache_dir: str | Path | None = None,
-                 storage_options: dict | None = None) -> None:
+                 storage_options: dict | None = None, cache: bool = True) -> None:
         data = read_manifest_bytes(root, storage_options)
         self.root = root
         self.rows = parse_manifest(data, manifest_location(root))
         self.version = hashlib.sha256(data).hexdigest()
-        self.store = ShardStore(root, version=self.version, cache_dir=cache_dir, storage_options=storage_options)
+        self.store = ShardStore(root, version=self.version, cache_dir=cache_dir, storage_options=storage_options,
+                                cache=cache)
 
     def split(self, split: str) -> list[ManifestRow]:
         return [r for r in self.rows if r.split == split]
