@@ -9,11 +9,12 @@ Output directory layout::
     OUT/run_info.json             resolved params and versions (when/where/commit: provenance.record_run)
 
 Work happens in two phases. Shards (a tar file, or a chunk of files / table rows / S3 keys)
-are processed in a process pool; each writes its per-item results and normalised PNGs into a
-work directory outside OUT, committed atomically, so an interrupted run resumes where it
-stopped. The merge then reads those small records in a fixed order (source, shard, item) and
-de-duplicates, mixes and splits; nothing decoded is held, so memory grows only with the
-records (~200 bytes per image), never with pixels.
+are processed in a process pool; each writes its per-item results and the bytes to store (the
+original JPEG, or a normalised PNG) into a work directory outside OUT, committed atomically, so
+an interrupted run resumes where it stopped. The merge then reads those small records in a fixed
+order (source, shard, item) and de-duplicates, mixes and splits; nothing decoded is held, so
+memory grows only with the records (~200 bytes per image), never with pixels. Last, the kept
+images are streamed from the work directory into OUT's tar shards, split by split, in manifest order.
 """
 
 from __future__ import annotations
