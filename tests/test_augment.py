@@ -15,6 +15,7 @@ from vaeft.augment.crops import CropSpec, naive_crop, render, render_array, samp
 from vaeft.config import AugmentParams
 from vaeft.data.loader import CropStream, StepSampler, decode_rgb, train_batches
 from vaeft.data.manifest import read_manifest
+from vaeft.data.shards import ShardStore
 from vaeft.metrics.psnr import psnr
 
 
@@ -135,8 +136,10 @@ def test_resumed_loader_yields_the_tail_of_the_uninterrupted_run(curated):
 def test_broken_file_is_replaced_deterministically(tmp_path, curated):
     data = tmp_path / "data"
     shutil.copytree(curated, data)
-    victim = data / read_manifest(data, split="train")[0].stored_path
-    victim.write_bytes(b"changed since curation")
+    victim = read_manifest(data, split="train")[0]
+    with open(data / victim.shard, "r+b") as fh:  # the member's bytes changed inside its shard
+        fh.seek(victim.offset)
+        fh.write(b"\0" * victim.size)
     p = _params()
     a, b = CropStream(data, p, seed=0, length=200), CropStream(data, p, seed=0, length=200)
     crops_a = [a.sample(i)[0] for i in range(60)]
@@ -176,7 +179,7 @@ def test_materialized_crops_are_deterministic_and_replayable(tmp_path, curated):
     for entry in index[::7]:
         stored = np.load(tmp_path / "w1" / f"shard-{entry['shard']:05d}.npy")[entry["row"]]
         spec = CropSpec(**{k: v for k, v in entry.items() if k in spec_fields})
-        pixels = decode_rgb(curated / rows[entry["image_sha256"]].stored_path)
+        pixels = decode_rgb(ShardStore(curated).open_row(rows[entry["image_sha256"]]))
         assert np.array_equal(render_array(pixels, spec, p), stored)
     stream = ShardStream(tmp_path / "w1", seed=0, length=200)
     assert stream[0].shape == (3, 32, 32) and stream[0].dtype == torch.uint8

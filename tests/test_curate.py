@@ -15,6 +15,7 @@ from vaeft.config import DataParams, SourceParams
 from vaeft.data.curate import REPORT_FILE, CurationError, curate, split_of
 from vaeft.data.images import ImageLimits, ImageRejected, load_rgb
 from vaeft.data.manifest import MANIFEST_FILE, read_manifest
+from vaeft.data.shards import ShardStore
 
 from .curate_corpus import photo, rgb16_png, swapped_primaries_icc
 
@@ -27,9 +28,16 @@ def test_embedded_source_is_curated_and_split(curated):
     assert all(r.location.startswith("embedded:") for r in rows)  # install-independent
     assert {r.split for r in rows} == {"train", "eval"}
     assert report["per_reason"].get("not_an_image", 0) >= 1  # skimage ships a tif Pillow cannot read
+    assert {r.format for r in rows} == {"jpeg", "png"}  # sklearn's JPEG photos keep their bytes
+    assert len({r.shard for r in rows if r.split == "train"}) > 1  # params.yaml: a few images a shard
+    store = ShardStore(curated)
     for r in rows:
-        img = Image.open(curated / r.stored_path)
-        assert img.mode == "RGB" and img.size == (r.width, r.height)
+        data = store.read_row(r)
+        img = Image.open(io.BytesIO(data))
+        assert img.size == (r.width, r.height) and r.shard.startswith(f"shards/{r.split}-")
+        assert (img.format, img.mode) in ({("JPEG", "RGB"), ("JPEG", "L")} if r.format == "jpeg" else {("PNG", "RGB")})
+        if r.format == "jpeg":
+            assert hashlib.sha256(data).hexdigest() == r.sha256  # the original file, byte for byte
         assert r.split == split_of(r.sha256, 0.25)
 
 
@@ -116,9 +124,13 @@ def test_odd_files_are_rejected_or_normalised(tmp_path, odd_folder):
     assert result.n_rejected == 6 and result.n_duplicates == 2
     assert report["per_reason"]["near_duplicate"] == 1 and report["per_source"]["odd"]["seen"] == 24
     assert all(len(r.phash) == 16 for r in rows.values())
+    # Plain sRGB-or-untagged JPEGs (a profile LittleCMS cannot parse changes nothing either) keep
+    # their bytes; CMYK and EXIF-rotated ones are normalised like every other format.
+    assert {n for n, r in rows.items() if r.format == "jpeg"} == {"good.jpg", "progressive.jpg", "icc_garbage.jpg"}
+    store = ShardStore(tmp_path / "out")
 
     def pixels(name: str) -> np.ndarray:
-        img = Image.open(tmp_path / "out" / rows[name].stored_path)
+        img = Image.open(store.open_row(rows[name]))
         assert img.mode == "RGB" and img.size == (rows[name].width, rows[name].height)
         return np.asarray(img)
 
@@ -204,14 +216,20 @@ def test_colour_managed_sources_curate_to_identical_bytes_at_any_time_and_worker
     time.sleep(1.1)  # profiles made now would carry another second
     curate(params(tmp_path / "work", 2), tmp_path / "b")  # in spawned workers
     a, b = _tree_digests(tmp_path / "a"), _tree_digests(tmp_path / "b")
-    assert len([k for k in a if k.startswith("images/")]) == 4
+    rows = read_manifest(tmp_path / "a")
+    assert len(rows) == 4 and {r.member.rsplit(".", 1)[1] for r in rows} == {"jpg", "png"}
+    assert all(k.startswith("shards/") for k in a if k.endswith(".tar"))
     infos = [json.loads((tmp_path / d / "run_info.json").read_text()) for d in "ab"]
     assert [i["params"]["data"].pop("workers") for i in infos] == [1, 2]  # the params as given
     assert infos[0] == infos[1]
     assert {k: v for k, v in a.items() if k != "run_info.json"} == {k: v for k, v in b.items() if k != "run_info.json"}
-    for png in (tmp_path / "a" / "images").iterdir():
-        with Image.open(png) as img:
-            assert "icc_profile" not in img.info and not img.text  # untagged: sRGB by convention
+    store = ShardStore(tmp_path / "a")
+    for r in rows:
+        with Image.open(store.open_row(r)) as img:
+            if r.format == "png":  # untagged: sRGB by convention
+                assert "icc_profile" not in img.info and not img.text
+            else:  # kept as it came: its sRGB profile needs no conversion
+                assert r.location.endswith("tagged.jpg") and img.info["icc_profile"] == srgb
 
 
 def test_outputs_do_not_depend_on_commit_or_time_but_the_run_record_keeps_them(tmp_path, monkeypatch):

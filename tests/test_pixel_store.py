@@ -1,4 +1,4 @@
-"""The augment stage's pixel store: crops read from memory-mapped pixels equal crops from the PNGs."""
+"""The augment stage's pixel store: crops read from memory-mapped pixels equal crops from the stored PNGs."""
 
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ from skimage import data as skdata
 
 from vaeft.augment.crops import render, render_array, sample_rng, sample_spec
 from vaeft.config import AugmentParams
-from vaeft.data.loader import CropStream, decode_rgb, pixel_file, train_batches
+from vaeft.data.loader import CropStream, decode_rgb, train_batches
 from vaeft.data.manifest import read_manifest
-from vaeft.data.materialize import PIXEL_DIR, materialize_crops, pixel_store_dir
+from vaeft.data.materialize import PIXEL_DIR, PIXEL_INDEX, PixelStore, materialize_crops, pixel_rows, pixel_store_dir
+from vaeft.data.shards import ShardStore
 
 
 def _params(**kw) -> AugmentParams:
@@ -53,12 +54,17 @@ def test_stage_writes_a_deterministic_store_and_loader_crops_are_identical(tmp_p
     rows = read_manifest(curated, split="train")
     store = pixel_store_dir(tmp_path / "w1")
     assert store == tmp_path / "w1" / PIXEL_DIR
-    assert sorted(f.name for f in store.iterdir()) == sorted({f"{r.sha256}.npy" for r in rows})
-    for r in rows:
-        stored = pixel_file(store, r.sha256)
-        assert stored.read_bytes() == pixel_file(tmp_path / "w2" / PIXEL_DIR, r.sha256).read_bytes()
-        arr = np.load(stored, mmap_mode="r")
-        assert arr.shape == (r.height, r.width, 3) and np.array_equal(arr, decode_rgb(curated / r.stored_path))
+    # One file per curated shard, holding only the images training reads as pixels (not the JPEGs).
+    stored_rows = pixel_rows(rows, p)
+    assert 0 < len(stored_rows) < len(rows) and all(r.format == "png" for r in stored_rows)
+    shards = {r.shard.rsplit("/", 1)[1].replace(".tar", ".npy") for r in stored_rows}
+    assert sorted(f.name for f in store.iterdir()) == sorted(shards | {PIXEL_INDEX})
+    for name in shards | {PIXEL_INDEX}:
+        assert (store / name).read_bytes() == (tmp_path / "w2" / PIXEL_DIR / name).read_bytes()
+    pixels, data = PixelStore(store), ShardStore(curated)
+    for r in stored_rows:
+        arr = pixels.array(r.sha256)
+        assert arr.shape == (r.height, r.width, 3) and np.array_equal(arr, decode_rgb(data.open_row(r)))
 
     from_png = CropStream(curated, p, seed=3, length=64)
     from_store = CropStream(curated, p, seed=3, length=64, pixel_dir=store)
@@ -68,7 +74,7 @@ def test_stage_writes_a_deterministic_store_and_loader_crops_are_identical(tmp_p
         assert spec_a == spec_b and a.tobytes() == b.tobytes()
 
     loader = train_batches(curated, p, seed=3, batch_size=4, start_step=0, total_steps=2, crops_dir=tmp_path / "w1")
-    assert loader.dataset.pixel_paths is not None
+    assert loader.dataset.pixels is not None
     assert len(list(loader)) == 2
 
 

@@ -99,6 +99,12 @@ class DataParams(_Strict):
     # Process-pool size (0: all CPU cores; 1: in-process) and items per work unit.
     workers: NonNegativeInt = 0
     shard_size: PositiveInt = 256
+    # The curated dataset's tar shards (not the work units above), closed at whichever limit comes
+    # first: 100k web JPEGs of ~300 KB are ~30 shards of 1 GiB (DVC tracks tens of files, not
+    # 100k), and one shard still reaches a training node's cache in seconds.
+    shard_max_bytes: PositiveInt = 1 << 30
+    # Images per curated tar shard at most (the embedded default uses a few, so the demo has several).
+    shard_max_images: PositiveInt = 4096
     # Per-shard partial results for resuming, kept outside the (atomically replaced) output.
     work_dir: str = ".vaeft/curate-work"
 

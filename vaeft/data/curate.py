@@ -2,17 +2,19 @@
 
 Output directory layout::
 
-    OUT/manifest.parquet          one row per kept image (see data/manifest.py)
-    OUT/images/<sha256>.png       normalised 8-bit sRGB copies
+    OUT/manifest.parquet          one row per kept image, and where its bytes are (data/manifest.py)
+    OUT/shards/<split>-NNNNNN.tar the images (data/shards.py): valid sRGB JPEGs as they came, the
+                                  rest normalised to 8-bit sRGB PNG; WebDataset-compatible
     OUT/curation_report.json      counts per source and reason, every rejected/dropped file
     OUT/run_info.json             resolved params and versions (when/where/commit: provenance.record_run)
 
 Work happens in two phases. Shards (a tar file, or a chunk of files / table rows / S3 keys)
-are processed in a process pool; each writes its per-item results and normalised PNGs into a
-work directory outside OUT, committed atomically, so an interrupted run resumes where it
-stopped. The merge then reads those small records in a fixed order (source, shard, item) and
-de-duplicates, mixes and splits; nothing decoded is held, so memory grows only with the
-records (~200 bytes per image), never with pixels.
+are processed in a process pool; each writes its per-item results and the bytes to store (the
+original JPEG, or a normalised PNG) into a work directory outside OUT, committed atomically, so
+an interrupted run resumes where it stopped. The merge then reads those small records in a fixed
+order (source, shard, item) and de-duplicates, mixes and splits; nothing decoded is held, so
+memory grows only with the records (~200 bytes per image), never with pixels. Last, the kept
+images are streamed from the work directory into OUT's tar shards, split by split, in manifest order.
 """
 
 from __future__ import annotations
@@ -32,15 +34,17 @@ from typing import Any
 from vaeft import atomic, provenance
 from vaeft.config import DataParams, SourceParams
 from vaeft.console import banner, console, progress
-from vaeft.data.images import ImageLimits, ImageRejected, load_rgb, save_png
+from vaeft.data.images import ImageLimits, ImageRejected, prepare_for_store
 from vaeft.data.manifest import MANIFEST_FILE, ManifestRow, write_manifest
 from vaeft.data.phash import NearDuplicateIndex, phash
+from vaeft.data.shards import Member, ShardWriter, sidecar_json
 from vaeft.data.sources import Item, ReadLimits, Shard, SourceError, iter_items, iter_shards
 from vaeft.errors import VaeftError
 
 REPORT_FILE = "curation_report.json"
 # Bump when per-item processing changes, so stale partial results are not reused.
-_WORK_VERSION = 3  # 2: PNGs no longer embed an ICC profile; 3: safe names, symlink and tar-header reports
+_WORK_VERSION = 4  # 2: PNGs no longer embed an ICC profile; 3: safe names, symlink and tar-header reports;
+# 4: valid JPEGs kept as they are (pHash from a 1/8-scale decode), records carry ext/meta/caption
 
 
 class CurationError(VaeftError):
@@ -117,8 +121,8 @@ def _result_path(work: str | Path, shard: Shard) -> Path:
     return Path(work) / "shards" / shard.source / f"{shard.key}.jsonl"
 
 
-def _stored_png(work: str | Path, sha: str) -> Path:
-    return Path(work) / "images" / sha[:2] / f"{sha}.png"
+def _stored_file(work: str | Path, sha: str, ext: str) -> Path:
+    return Path(work) / "images" / sha[:2] / f"{sha}.{ext}"
 
 
 def _rejected(item: Item, reason: str, detail: str) -> dict[str, Any]:
@@ -134,19 +138,19 @@ def process_item(item: Item, cfg: WorkConfig) -> dict[str, Any]:
         return _rejected(item, *why)
     sha = hashlib.sha256(item.data).hexdigest()
     try:
-        img = load_rgb(item.data, cfg.image)
+        prep = prepare_for_store(item.data, cfg.image)
     except ImageRejected as exc:
         return _rejected(item, exc.reason, exc.detail)
     try:
-        ph = phash(img)
-        target = _stored_png(cfg.work, sha)
+        ph = phash(prep.image)
+        target = _stored_file(cfg.work, sha, prep.ext)
         if not target.exists():
-            with atomic.atomic_path(target) as tmp:
-                save_png(img, tmp)
-        return {"location": item.location, "reason": "", "sha256": sha, "width": img.width,
-                "height": img.height, "phash": ph}
+            atomic.write_bytes(target, item.data if prep.data is None else prep.data)
+        return {"location": item.location, "reason": "", "sha256": sha, "width": prep.width,
+                "height": prep.height, "phash": ph, "ext": prep.ext, "meta": item.meta,
+                "caption": getattr(item, "caption", "") or ""}
     finally:
-        img.close()
+        prep.image.close()
 
 
 def process_shard(shard: Shard, cfg: WorkConfig) -> tuple[str, int]:
@@ -323,14 +327,10 @@ def curate(params: DataParams, out_dir: str | Path, *, force: bool = False) -> C
             subsampled += [{"location": r["location"], "source": name, "reason": "mix_subsampled"}
                            for r in ranked[targets[name]:]]
 
-    rows = [
-        ManifestRow(r["location"], f"images/{r['sha256']}.png", r["sha256"], r["width"], r["height"], r["source"],
-                    split_of(r["sha256"], params.eval_fraction), r["phash"])
-        for recs in candidates.values() for r in recs
-    ]
-    n_eval = sum(r.split == "eval" for r in rows)
-    n_train = len(rows) - n_eval
-    if not rows:
+    final = [{**r, "split": split_of(r["sha256"], params.eval_fraction)} for recs in candidates.values() for r in recs]
+    n_eval = sum(r["split"] == "eval" for r in final)
+    n_train = len(final) - n_eval
+    if not final:
         where = ", ".join(s.path or s.name for s in params.sources)
         if not rejected and not duplicates:
             raise CurationError(f"no images found in {where}")
@@ -344,9 +344,7 @@ def curate(params: DataParams, out_dir: str | Path, *, force: bool = False) -> C
         )
     with atomic.atomic_dir(out_dir, "curated", force=force, inputs=local_inputs(params),
                            inside_inputs_ok=False) as tmp:
-        (tmp / "images").mkdir()
-        for r in rows:
-            _place(_stored_png(work, r.sha256), tmp / r.stored_path)
+        rows = _write_shards(tmp, work, final, params)
         write_manifest(tmp / MANIFEST_FILE, rows)
         reasons = Counter(r["reason"] for r in rejected + duplicates + subsampled)
         per_source = {
@@ -387,9 +385,23 @@ def curate(params: DataParams, out_dir: str | Path, *, force: bool = False) -> C
     return CurateResult(out_dir, n_train, n_eval, len(rejected), len(duplicates), len(subsampled), n_done, n_reused)
 
 
-def _place(src: Path, dst: Path) -> None:
-    """Hard-link the normalised PNG from the work dir (same content, no copy); copy across devices."""
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copyfile(src, dst)
+def _write_shards(root: Path, work: Path, records: list[dict[str, Any]], params: DataParams) -> list[ManifestRow]:
+    """Each split's images into its tar shards, in manifest order: the bytes depend on the kept set only."""
+    rows: list[ManifestRow] = []
+    with progress() as bar:
+        task = bar.add_task("shards", total=len(records), info="")
+        for split in ("train", "eval"):
+            writer = ShardWriter(root, split, params.shard_max_bytes, params.shard_max_images)
+            for r in sorted((r for r in records if r["split"] == split), key=lambda r: (r["source"], r["sha256"])):
+                meta = {k: r["meta"][k] for k in sorted(r.get("meta") or {})}
+                caption = r.get("caption", "")
+                placed = writer.add(Member(r["sha256"], r["ext"], _stored_file(work, r["sha256"], r["ext"]),
+                                           sidecar_json(caption, meta)))
+                rows.append(ManifestRow(
+                    r["location"], r["sha256"], r["width"], r["height"], r["source"], split, r["phash"],
+                    placed.shard, placed.member, placed.offset, placed.size, "jpeg" if r["ext"] == "jpg" else "png",
+                    caption, json.dumps(meta, sort_keys=True) if meta else "",
+                ))
+                bar.update(task, advance=1, info=placed.shard)
+            writer.close()
+    return rows

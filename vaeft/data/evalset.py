@@ -10,6 +10,7 @@ images, e.g. one written by :func:`prepare_eval_set`. Images are read batch by b
 from __future__ import annotations
 
 import hashlib
+import io
 import itertools
 import os
 from collections import deque
@@ -24,7 +25,8 @@ from PIL import Image
 from vaeft import atomic
 from vaeft.console import console, progress
 from vaeft.data.embedded import IMAGE_SUFFIXES
-from vaeft.data.manifest import MANIFEST_FILE, ManifestRow, read_manifest
+from vaeft.data.manifest import MANIFEST_FILE, ManifestRow, is_url
+from vaeft.data.shards import CuratedSet, ShardStore
 from vaeft.errors import VaeftError
 
 PROTOCOL = "shorter-side resize (Lanczos, antialiased) to {size}, centre crop {size}x{size}, uint8 RGB"
@@ -49,7 +51,15 @@ def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
 class EvalItem:
     key: str  # stable id for the per-image CSV
     location: str
-    path: Path
+    path: Path | None  # a plain image file, or None for a member of a curated dataset's shards
+    store: ShardStore | None = None
+    row: ManifestRow | None = None
+
+    def open(self) -> Path | io.BytesIO:
+        if self.path is not None:
+            return self.path
+        assert self.store is not None and self.row is not None
+        return self.store.open_row(self.row)
 
 
 def image_files(folder: str | Path) -> list[Path]:
@@ -59,23 +69,24 @@ def image_files(folder: str | Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
-def eval_items(data_dir: str | Path) -> list[EvalItem]:
-    """A curated directory's eval split, or every image of a plain (e.g. prepared) folder."""
-    data_dir = Path(data_dir)
-    if (data_dir / MANIFEST_FILE).exists():
-        rows = read_manifest(data_dir, split="eval")
-        items = [EvalItem(r.sha256[:16], r.location, data_dir / r.stored_path) for r in rows]
+def eval_items(data_dir: str | Path, *, cache_dir: str | Path | None = None,
+               storage_options: dict | None = None) -> list[EvalItem]:
+    """A curated dataset's eval split (a directory or URL), or every image of a plain (e.g. prepared) folder."""
+    if is_url(data_dir) or (Path(data_dir) / MANIFEST_FILE).exists():
+        data = CuratedSet(data_dir, cache_dir=cache_dir, storage_options=storage_options)
+        items = [EvalItem(r.sha256[:16], r.location, None, data.store, r) for r in data.split("eval")]
         if not items:
             raise EvalSetError(f"{data_dir}: the manifest has no eval images")
         return items
+    data_dir = Path(data_dir)
     files = image_files(data_dir)
     if not files:
         raise EvalSetError(f"{data_dir}: no manifest and no images")
     return [EvalItem(p.stem, p.name, p) for p in files]
 
 
-def load_eval_image(path: Path, size: int) -> np.ndarray:
-    with Image.open(path) as img:
+def load_eval_image(src: EvalItem | Path, size: int) -> np.ndarray:
+    with Image.open(src.open() if isinstance(src, EvalItem) else src) as img:
         return np.asarray(resize_center_crop(img.convert("RGB"), size))
 
 
@@ -92,11 +103,11 @@ def iter_batches(items: list[EvalItem], size: int, batch_size: int, workers: int
     chunks = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
     if workers <= 1:
         for chunk in chunks:
-            yield chunk, np.stack([load_eval_image(it.path, size) for it in chunk])
+            yield chunk, np.stack([load_eval_image(it, size) for it in chunk])
         return
     with ThreadPoolExecutor(workers) as pool:
         def submit(chunk: list[EvalItem]):
-            return chunk, [pool.submit(load_eval_image, it.path, size) for it in chunk]
+            return chunk, [pool.submit(load_eval_image, it, size) for it in chunk]
 
         ahead = iter(chunks)
         pending = deque(submit(c) for c in itertools.islice(ahead, max(1, prefetch)))
@@ -110,11 +121,11 @@ def iter_batches(items: list[EvalItem], size: int, batch_size: int, workers: int
 
 def eval_images(data_dir: str | Path, size: int) -> tuple[list[ManifestRow], np.ndarray]:
     """The eval split as (rows, uint8 array N x size x size x 3), all in memory (small sets only)."""
-    data_dir = Path(data_dir)
-    rows = read_manifest(data_dir, split="eval")
+    data = CuratedSet(data_dir)
+    rows = data.split("eval")
     if not rows:
         raise ValueError(f"{data_dir}: the manifest has no eval images")
-    return rows, np.stack([load_eval_image(data_dir / r.stored_path, size) for r in rows])
+    return rows, np.stack([load_eval_image(EvalItem("", r.location, None, data.store, r), size) for r in rows])
 
 
 @dataclass(frozen=True)

@@ -101,11 +101,8 @@ def _open(data: bytes | Path) -> Image.Image:
     return Image.open(io.BytesIO(data) if isinstance(data, bytes) else data)
 
 
-def load_rgb(src: str | Path | bytes, limits: ImageLimits) -> Image.Image:
-    """Open, check and fully decode ``src`` (a path or the file's bytes).
-
-    Returns 8-bit sRGB without metadata (an untagged image is sRGB by convention); raises :class:`ImageRejected` with a reason code.
-    """
+def _checked_open(src: str | Path | bytes, limits: ImageLimits) -> Image.Image:
+    """Open ``src`` and check what its header says, before anything is decoded."""
     if isinstance(src, bytes):
         size = len(src)
     else:
@@ -125,14 +122,33 @@ def load_rgb(src: str | Path | bytes, limits: ImageLimits) -> Image.Image:
         except (OSError, ValueError, SyntaxError) as exc:
             # Pillow names the BytesIO object (a memory address): keep reports reproducible.
             raise ImageRejected("not_an_image", re.sub(r" <_io\.BytesIO object at 0x[0-9a-f]+>", "", str(exc))) from None
+    w, h = img.size
+    if w * h > limits.max_pixels:  # checked from the header, before decoding
+        img.close()
+        raise ImageRejected("too_many_pixels", f"{w}x{h} > {limits.max_pixels} pixels")
+    need = decode_bytes(img.mode, w, h)
+    if need > limits.max_decode_bytes:
+        img.close()
+        raise ImageRejected("too_large_to_decode", f"{w}x{h} {img.mode} needs ~{need >> 20} MiB to decode, "
+                            f"budget {limits.max_decode_bytes >> 20} MiB")
+    return img
+
+
+def _check_shape(w: int, h: int, limits: ImageLimits) -> None:
+    if min(w, h) < limits.min_side:
+        raise ImageRejected("too_small", f"{w}x{h}, min side {limits.min_side}")
+    aspect = max(w, h) / min(w, h)
+    if aspect > limits.max_aspect:
+        raise ImageRejected("extreme_aspect", f"{w}x{h}, aspect {aspect:.2f} > {limits.max_aspect}")
+
+
+def load_rgb(src: str | Path | bytes, limits: ImageLimits) -> Image.Image:
+    """Open, check and fully decode ``src`` (a path or the file's bytes).
+
+    Returns 8-bit sRGB without metadata (an untagged image is sRGB by convention); raises :class:`ImageRejected` with a reason code.
+    """
+    img = _checked_open(src, limits)
     with img:
-        w, h = img.size
-        if w * h > limits.max_pixels:  # checked from the header, before decoding
-            raise ImageRejected("too_many_pixels", f"{w}x{h} > {limits.max_pixels} pixels")
-        need = decode_bytes(img.mode, w, h)
-        if need > limits.max_decode_bytes:
-            raise ImageRejected("too_large_to_decode", f"{w}x{h} {img.mode} needs ~{need >> 20} MiB to decode, "
-                                f"budget {limits.max_decode_bytes >> 20} MiB")
         try:
             # Animated files: the first frame is the image; later frames are not decoded.
             img.load()
@@ -146,16 +162,87 @@ def load_rgb(src: str | Path | bytes, limits: ImageLimits) -> Image.Image:
     # The pixels are sRGB now; metadata that rode along (the source's or LittleCMS's own sRGB
     # profile, which embeds its creation time) would only make the stored bytes vary per run.
     rgb.info.clear()
-    w, h = rgb.size
-    if min(w, h) < limits.min_side:
-        raise ImageRejected("too_small", f"{w}x{h}, min side {limits.min_side}")
-    aspect = max(w, h) / min(w, h)
-    if aspect > limits.max_aspect:
-        raise ImageRejected("extreme_aspect", f"{w}x{h}, aspect {aspect:.2f} > {limits.max_aspect}")
+    try:
+        _check_shape(*rgb.size, limits)
+    except ImageRejected:
+        rgb.close()
+        raise
     return rgb
 
 
-def save_png(img: Image.Image, path: str | Path) -> None:
+def _is_srgb(icc: bytes) -> bool:
+    """True for an sRGB profile, and for one LittleCMS cannot parse (:func:`to_srgb` ignores those too)."""
+    try:
+        desc = ImageCms.getProfileDescription(ImageCms.ImageCmsProfile(io.BytesIO(icc)))
+    except (ImageCms.PyCMSError, OSError, ValueError, TypeError):
+        return True
+    return desc.strip().lower().startswith("srgb")
+
+
+def keeps_original(img: Image.Image) -> bool:
+    """Whether an opened (not yet decoded) file is stored as it is: a JPEG that any reader decodes
+    to the pixels normalisation would give.
+
+    That is 8-bit RGB or gray (CMYK/YCCK need conversion; JPEG has no alpha), no EXIF rotation
+    (the stored width/height are the upright ones) and no ICC profile other than sRGB (readers do
+    no colour management). Baseline and progressive alike; MPO (camera multi-picture) is not
+    plain JPEG and is re-encoded.
+    """
+    if img.format != "JPEG" or img.mode not in ("RGB", "L"):
+        return False
+    try:
+        if img.getexif().get(0x0112, 1) in range(2, 9):  # exif_transpose would turn it
+            return False
+    except (OSError, ValueError, SyntaxError, KeyError, TypeError):
+        pass  # unparsable EXIF: load_rgb keeps the stored orientation too
+    icc = img.info.get("icc_profile")
+    return not icc or _is_srgb(icc)
+
+
+@dataclass
+class Prepared:
+    """What curation stores for one image: the original bytes (``data`` None) or normalised PNG bytes."""
+
+    data: bytes | None
+    ext: str  # "jpg" | "png"
+    width: int
+    height: int
+    image: Image.Image  # for the pHash: a 1/8-scale draft decode on the JPEG path, else the pixels
+
+
+def prepare_for_store(data: bytes, limits: ImageLimits) -> Prepared:
+    """Validate ``data`` and decide what curation stores; raises :class:`ImageRejected`.
+
+    The JPEG path decodes at 1/8 scale (libjpeg's DCT scaling): every entropy-coded block is
+    still read, so truncation and corruption are caught, at a fraction of a full decode's cost.
+    Everything else is fully decoded and normalised (:func:`load_rgb`) into deterministic PNG.
+    """
+    if not data:
+        raise ImageRejected("empty_file")
+    img = _checked_open(data, limits)
+    if not keeps_original(img):
+        img.close()
+        rgb = load_rgb(data, limits)
+        buf = io.BytesIO()
+        save_png(rgb, buf)
+        return Prepared(buf.getvalue(), "png", rgb.width, rgb.height, rgb)
+    w, h = img.size
+    # >= 64 px a side so the pHash's 32x32 box filter still only shrinks.
+    img.draft("RGB", (max(64, w // 8), max(64, h // 8)))
+    try:
+        img.load()
+    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as exc:
+        img.close()
+        raise ImageRejected("truncated_or_corrupt", str(exc)) from None
+    try:
+        _check_shape(w, h, limits)
+    except ImageRejected:
+        img.close()
+        raise
+    return Prepared(None, "jpg", w, h, img)
+
+
+def save_png(img: Image.Image, path: str | Path | io.BytesIO) -> None:
     """PNG bytes that depend on the pixels only: no ICC profile, EXIF, text or dpi chunks.
 
     Pillow takes ``icc_profile`` from ``img.info`` unless told otherwise; the curated store's

@@ -4,11 +4,19 @@ The i-th sample of a run is ``epoch = i // N``, ``position = i % N``; the image 
 ``permutation(seed, epoch)[position]`` and its crop is drawn from ``rng(seed, epoch, position)``.
 Step t of rank r (of W ranks, B samples each) takes samples ``(t * W + r) * B ...``, so the
 sampler's position is just the step number, which the training checkpoint already holds.
+
+Images are read from the curated dataset's tar shards by offset (data/shards.py), so a rank
+opens (or, for a remote dataset, downloads) only the shards that hold the samples it draws.
+Stored JPEGs are cropped straight from their bytes with a reduced-scale decode where the crop
+is a strong downscale (``augment.jpeg_draft``); PNGs are decoded in full, or read from the
+augment stage's pixel store. The path depends on the image and the params only (never on the
+cache or the store), so a batch is the same whichever of them is present.
 """
 
 from __future__ import annotations
 
 import logging
+import io
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -18,9 +26,10 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from vaeft.augment.crops import ImageTooSmall, render_array, sample_rng, sample_spec
+from vaeft.augment.crops import ImageTooSmall, render, render_array, sample_rng, sample_spec
 from vaeft.config import AugmentParams
-from vaeft.data.manifest import read_manifest
+from vaeft.data.manifest import ManifestRow
+from vaeft.data.shards import CuratedSet
 
 log = logging.getLogger(__name__)
 
@@ -32,46 +41,71 @@ class CropStream(Dataset):
     """Map-style dataset over the virtual, endless sample sequence of a run."""
 
     def __init__(self, data_dir: str | Path, augment: AugmentParams, seed: int, length: int, split: str = "train",
-                 pixel_dir: str | Path | None = None) -> None:
-        data_dir = Path(data_dir)
-        rows = read_manifest(data_dir, split=split)
-        if not rows:
+                 pixel_dir: str | Path | None = None, *, cache_dir: str | Path | None = None,
+                 storage_options: dict | None = None, shard_cache: bool = True) -> None:
+        """``data_dir``: a curated dataset's directory or URL; for a URL, ``shard_cache`` False reads
+        each image with a ranged GET instead of staging whole shards in ``cache_dir``."""
+        from vaeft.data.materialize import PixelStore
+
+        self.data = CuratedSet(data_dir, cache_dir=cache_dir, storage_options=storage_options, cache=shard_cache)
+        self.rows = self.data.split(split)
+        if not self.rows:
             raise ValueError(f"{data_dir}: the manifest has no {split} images")
-        self.paths = [data_dir / r.stored_path for r in rows]
-        # With a pixel store (the augment stage's decoded copies), a crop pages in its region only.
-        self.pixel_paths = [pixel_file(pixel_dir, r.sha256) for r in rows] if pixel_dir is not None else None
-        if self.pixel_paths is not None:
-            missing = [p for p in self.pixel_paths if not p.is_file()]
-            if missing:
-                raise ValueError(f"pixel store {pixel_dir} lacks {len(missing)} of {len(rows)} training images of "
-                                 f"{data_dir} (first: {missing[0].name}); re-run the augment stage on this data")
         self.augment, self.seed, self.length = augment, seed, length
+        # With a pixel store (the augment stage's decoded copies), a crop pages in its region only.
+        self.pixels = PixelStore(pixel_dir) if pixel_dir is not None else None
+        if self.pixels is not None:
+            missing = [r for r in self.rows if not self.from_bytes(r) and r.sha256 not in self.pixels]
+            if missing:
+                raise ValueError(f"pixel store {pixel_dir} lacks {len(missing)} of {len(self.rows)} training images of "
+                                 f"{data_dir} (first: {missing[0].location}); re-run the augment stage on this data")
         self._perm_epoch, self._perm = -1, np.empty(0, dtype=np.int64)
-        self._cache: dict[int, np.ndarray] = {}
+        self._cache: dict[int, np.ndarray | bytes] = {}
         self.replaced = 0
 
     def __len__(self) -> int:
         return self.length
 
+    def from_bytes(self, row: ManifestRow) -> bool:
+        """Whether image ``row`` is cropped from its stored bytes (the JPEG draft path), not from pixels."""
+        return self.augment.jpeg_draft and row.format == "jpeg"
+
     def _permutation(self, epoch: int) -> np.ndarray:
         if epoch != self._perm_epoch:
-            self._perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.paths))
+            self._perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.rows))
             self._perm_epoch = epoch
         return self._perm
 
+    def _bytes(self, idx: int) -> bytes:
+        cached = self._cache.get(idx)
+        if isinstance(cached, bytes):
+            return cached
+        data = self.data.read(self.rows[idx])
+        if self.augment.cache_images:
+            self._cache[idx] = data
+        return data
+
     def _pixels(self, idx: int) -> np.ndarray:
         """HWC uint8 pixels of training image ``idx``: memory map, worker cache or a fresh decode."""
-        if idx in self._cache:
-            return self._cache[idx]
-        if self.pixel_paths is not None:
-            # Opened per sample, not kept: one open map per image would exhaust file descriptors.
-            return np.load(self.pixel_paths[idx], mmap_mode="r")
-        pixels = decode_rgb(self.paths[idx])
+        cached = self._cache.get(idx)
+        if isinstance(cached, np.ndarray):
+            return cached
+        row = self.rows[idx]
+        if self.pixels is not None and row.sha256 in self.pixels:
+            return self.pixels.array(row.sha256)
+        pixels = decode_rgb(io.BytesIO(self.data.read(row)))
         if self.augment.cache_images:
             self._cache[idx] = pixels
         return pixels
 
     def _crop(self, idx: int, rng: np.random.Generator):
+        row = self.rows[idx]
+        if self.from_bytes(row):
+            # Decoded per sample: a 1/2..1/8-scale decode of the needed scale costs less than
+            # keeping full-size pixels around, and it is the same result on every worker.
+            with Image.open(io.BytesIO(self._bytes(idx))) as img:
+                spec = sample_spec(img.width, img.height, self.augment, rng)
+                return render(img, spec, self.augment), spec
         pixels = self._pixels(idx)
         if pixels.ndim != 3 or pixels.shape[2] != 3:
             raise ValueError(f"pixels of shape {pixels.shape}, expected H x W x 3")
@@ -80,7 +114,7 @@ class CropStream(Dataset):
 
     def sample(self, i: int) -> tuple[np.ndarray, dict]:
         """Sample ``i`` as CHW uint8 plus what produced it (image index and crop spec)."""
-        n = len(self.paths)
+        n = len(self.rows)
         epoch, pos = divmod(i, n)
         perm = self._permutation(epoch)
         rng = sample_rng(self.seed, epoch, pos)
@@ -92,7 +126,9 @@ class CropStream(Dataset):
                 crop, spec = self._crop(idx, rng)
             except _DECODE_ERRORS as exc:
                 self.replaced += 1
-                log.warning("sample %d: %s failed to load (%s); using the next image instead", i, self.paths[idx], exc)
+                r = self.rows[idx]
+                log.warning("sample %d: %s (%s in %s) failed to load (%s); using the next image instead", i,
+                            r.location, r.member, r.shard, exc)
                 rng = sample_rng(self.seed, epoch, pos)
                 continue
             return crop, {"image": idx, "epoch": epoch, "position": pos, **spec.as_dict()}
@@ -106,10 +142,6 @@ def decode_rgb(path: str | Path | BinaryIO) -> np.ndarray:
     """A curated image as HWC uint8 RGB (the array every crop is rendered from)."""
     with Image.open(path) as img:
         return np.asarray(img.convert("RGB"))
-
-
-def pixel_file(pixel_dir: str | Path, sha256: str) -> Path:
-    return Path(pixel_dir) / f"{sha256}.npy"
 
 
 class StepSampler(Sampler[int]):

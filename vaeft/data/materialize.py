@@ -4,13 +4,17 @@ Output directory::
 
     OUT/index.parquet        one row per crop: shard, row, image sha256, k, and the crop spec
     OUT/shard-00000.npy      uint8 [n, 3, S, S] (plain .npy: byte-identical across runs)
-    OUT/pixels/<sha256>.npy  with augment.pixel_store: the decoded image, uint8 H x W x 3
+    OUT/pixels/<shard>.npy   with augment.pixel_store: per curated train shard, the decoded images
+                             that training reads as pixels, flat uint8, one after the other
+    OUT/pixels/index.parquet where each image is in them: sha256, file, offset, height, width
     OUT/run_info.json
 
 Crop k of training image i is drawn from ``rng(seed, k, i)`` (k plays the epoch's role), so the
 store does not depend on the worker count. Training reads it through :class:`ShardStream`.
 With ``augment.materialize = 0`` the stage writes an empty index and training augments online,
-reading the pixel store when there is one.
+reading the pixel store when there is one. JPEGs that training crops straight from their
+bytes (``augment.jpeg_draft``) are not in the pixel store: it would only cost disk, and reading
+them as pixels would change their crops.
 """
 
 from __future__ import annotations
@@ -30,11 +34,13 @@ from vaeft import atomic, provenance
 from vaeft.augment.crops import render_array, sample_rng, sample_spec
 from vaeft.config import AugmentParams
 from vaeft.console import banner, console, progress
-from vaeft.data.loader import decode_rgb, pixel_file
-from vaeft.data.manifest import read_manifest
+from vaeft.data.loader import decode_rgb
+from vaeft.data.manifest import ManifestRow, read_manifest
+from vaeft.data.shards import ShardStore
 
 INDEX_FILE = "index.parquet"
 PIXEL_DIR = "pixels"
+PIXEL_INDEX = "index.parquet"
 
 
 @dataclass(frozen=True)
@@ -44,9 +50,13 @@ class MaterializeResult:
     n_shards: int
 
 
-def _crops_of_image(args: tuple[str, int, AugmentParams, int]) -> tuple[np.ndarray, list[dict]]:
-    path, image_index, augment, seed = args
-    pixels = decode_rgb(path)
+def _decode_member(root: str, row: ManifestRow) -> np.ndarray:
+    return decode_rgb(ShardStore(root).open_row(row))
+
+
+def _crops_of_image(args: tuple[str, ManifestRow, int, AugmentParams, int]) -> tuple[np.ndarray, list[dict]]:
+    root, row, image_index, augment, seed = args
+    pixels = _decode_member(root, row)
     crops, specs = [], []
     for k in range(augment.materialize):
         spec = sample_spec(pixels.shape[1], pixels.shape[0], augment, sample_rng(seed, k, image_index))
@@ -55,11 +65,49 @@ def _crops_of_image(args: tuple[str, int, AugmentParams, int]) -> tuple[np.ndarr
     return np.stack(crops), specs
 
 
-def _store_pixels(args: tuple[str, str]) -> int:
-    src, dst = args
-    pixels = decode_rgb(src)
-    np.save(dst, pixels, allow_pickle=False)
-    return pixels.nbytes
+def _store_pixels(args: tuple[str, list[ManifestRow], str]) -> int:
+    """One shard's images into one flat .npy, filled image by image (never the whole shard in memory)."""
+    root, rows, dst = args
+    total = sum(r.width * r.height * 3 for r in rows)
+    out = np.lib.format.open_memmap(dst, mode="w+", dtype=np.uint8, shape=(total,))
+    store, pos = ShardStore(root), 0
+    for r in rows:
+        pixels = decode_rgb(store.open_row(r))
+        if pixels.shape != (r.height, r.width, 3):
+            raise ValueError(f"{r.location}: decoded {pixels.shape}, the manifest says {r.height}x{r.width}")
+        out[pos:pos + pixels.size] = pixels.reshape(-1)
+        pos += pixels.size
+    out.flush()
+    del out
+    store.close()
+    return total
+
+
+def pixel_rows(rows: list[ManifestRow], augment: AugmentParams) -> list[ManifestRow]:
+    """The training images that training reads as decoded pixels (see CropStream.from_bytes)."""
+    return [r for r in rows if not (augment.jpeg_draft and r.format == "jpeg")]
+
+
+class PixelStore:
+    """The pixel store's images by sha256, each a memory-mapped H x W x 3 view of its shard file."""
+
+    def __init__(self, pixel_dir: str | Path) -> None:
+        self.dir = Path(pixel_dir)
+        t = pq.read_table(self.dir / PIXEL_INDEX).to_pylist() if (self.dir / PIXEL_INDEX).is_file() else []
+        self._where = {r["sha256"]: (r["file"], r["offset"], r["height"], r["width"]) for r in t}
+        self._maps: dict[str, np.ndarray] = {}
+
+    def __contains__(self, sha256: str) -> bool:
+        return sha256 in self._where
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_maps": {}}
+
+    def array(self, sha256: str) -> np.ndarray:
+        name, offset, h, w = self._where[sha256]
+        if name not in self._maps:  # one map per shard file: a few per run, not one per image
+            self._maps[name] = np.load(self.dir / name, mmap_mode="r")
+        return self._maps[name][offset:offset + h * w * 3].reshape(h, w, 3)
 
 
 def materialize_crops(
@@ -86,7 +134,7 @@ def materialize_crops(
 
     with atomic.atomic_dir(out_dir, "crops", force=force, inputs=[data_dir]) as tmp:
         if k:
-            jobs = [(str(data_dir / r.stored_path), i, augment, seed) for i, r in enumerate(rows)]
+            jobs = [(str(data_dir), r, i, augment, seed) for i, r in enumerate(rows)]
             with progress() as bar, ProcessPoolExecutor(workers) as pool:
                 task = bar.add_task("augment", total=len(jobs), info="")
                 # map() keeps manifest order whatever the worker count: the store is deterministic.
@@ -102,12 +150,28 @@ def materialize_crops(
         stored_bytes = 0
         if augment.pixel_store:
             (tmp / PIXEL_DIR).mkdir()
-            jobs_px = sorted({(str(data_dir / r.stored_path), str(pixel_file(tmp / PIXEL_DIR, r.sha256))) for r in rows})
-            with progress() as bar, ProcessPoolExecutor(workers) as pool:
+            by_shard: dict[str, list[ManifestRow]] = {}
+            for r in pixel_rows(rows, augment):
+                by_shard.setdefault(r.shard, []).append(r)
+            px_index = []
+            jobs_px = []
+            for shard, shard_rows in sorted(by_shard.items()):
+                name = Path(shard).with_suffix(".npy").name
+                jobs_px.append((str(data_dir), shard_rows, str(tmp / PIXEL_DIR / name)))
+                offset = 0
+                for r in shard_rows:
+                    px_index.append({"sha256": r.sha256, "file": name, "offset": offset, "height": r.height,
+                                     "width": r.width})
+                    offset += r.width * r.height * 3
+            with progress() as bar, ProcessPoolExecutor(max(1, min(workers, len(jobs_px)))) as pool:
                 task = bar.add_task("pixel store", total=len(jobs_px), info="")
-                for nbytes in pool.map(_store_pixels, jobs_px, chunksize=4):
+                for nbytes in pool.map(_store_pixels, jobs_px):
                     stored_bytes += nbytes
                     bar.update(task, advance=1)
+            px_schema = pa.schema([("sha256", pa.string()), ("file", pa.string()), ("offset", pa.int64()),
+                                   ("height", pa.int32()), ("width", pa.int32())])
+            pq.write_table(pa.Table.from_pylist(px_index, schema=px_schema), tmp / PIXEL_DIR / PIXEL_INDEX,
+                           compression="zstd", write_statistics=False)
         table = pa.Table.from_pylist(index) if index else pa.table({"shard": pa.array([], pa.int64())})
         pq.write_table(table, tmp / INDEX_FILE, compression="zstd", write_statistics=False)
         provenance.write_run_info(tmp, "augment", {"augment": augment}, seed=seed, crops=len(index), shards=n_shards,
@@ -115,7 +179,8 @@ def materialize_crops(
     provenance.record_run(out_dir, "augment")
     console.print(f"augment: {len(index)} crops in {n_shards} shards" if k else "augment: nothing materialised")
     if augment.pixel_store:
-        console.print(f"augment: pixel store of {len(rows)} images, {stored_bytes / 2**20:.1f} MiB")
+        console.print(f"augment: pixel store of {len(pixel_rows(rows, augment))} of {len(rows)} images "
+                      f"({'JPEGs are cropped from their bytes' if augment.jpeg_draft else 'every format'}), {stored_bytes / 2**20:.1f} MiB")
     return MaterializeResult(out_dir, len(index), n_shards)
 
 

@@ -1,0 +1,146 @@
+"""Sharded datasets: the JPEG fast path, deterministic tar shards read by offset, per-rank and remote reads."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+
+import numpy as np
+import pytest
+from PIL import Image
+from skimage import data as skdata
+
+from vaeft.config import AugmentParams, DataParams
+from vaeft.data.images import ImageLimits, ImageRejected, keeps_original, prepare_for_store
+from vaeft.data.loader import CropStream, StepSampler
+from vaeft.data.manifest import read_manifest
+from vaeft.data.phash import hamming, phash
+from vaeft.data.shards import Member, ShardStore, ShardWriter, sidecar_json
+
+from .curate_corpus import photo
+
+LIMITS = ImageLimits(min_side=64, max_aspect=4.0, max_pixels=10_000_000)
+
+
+def _jpeg(arr: np.ndarray, **kw) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="JPEG", quality=90, **kw)
+    return buf.getvalue()
+
+
+def test_jpeg_fast_path_keeps_bytes_and_catches_truncation():
+    arr = photo(1, (640, 480))
+    for data in (_jpeg(arr), _jpeg(arr, progressive=True), _jpeg(arr[..., 0])):  # baseline, progressive, gray
+        prep = prepare_for_store(data, LIMITS)
+        assert prep.data is None and prep.ext == "jpg" and (prep.width, prep.height) == (640, 480)
+        assert max(prep.image.size) < 640  # validated by a reduced-scale decode
+        # The 1/8-scale decode still reads every entropy-coded block: any cut is caught.
+        for cut in (len(data) // 3, len(data) - 600, len(data) - 3):
+            with pytest.raises(ImageRejected) as exc:
+                prepare_for_store(data[:cut], LIMITS)
+            assert exc.value.reason == "truncated_or_corrupt"
+
+
+def test_jpegs_that_need_normalising_are_re_encoded_deterministically():
+    arr = photo(2, (160, 120))
+    buf = io.BytesIO()
+    Image.fromarray(arr).convert("CMYK").save(buf, format="JPEG", quality=95)
+    cmyk = buf.getvalue()
+    with Image.open(io.BytesIO(cmyk)) as img:
+        assert not keeps_original(img)
+    a, b = prepare_for_store(cmyk, LIMITS), prepare_for_store(cmyk, LIMITS)
+    assert a.ext == "png" and a.data is not None and a.data == b.data
+    with Image.open(io.BytesIO(a.data)) as png:
+        assert png.mode == "RGB" and np.abs(np.asarray(png).astype(int) - arr).mean() < 6
+    rotated = io.BytesIO()
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(arr).save(rotated, format="JPEG", exif=exif)
+    assert prepare_for_store(rotated.getvalue(), LIMITS).ext == "png"  # upright pixels are stored
+
+
+def test_phash_of_a_kept_jpeg_matches_its_png_re_encode():
+    # The JPEG path hashes a 1/8-scale decode, the PNG path the full pixels. Their 32x32 grays
+    # differ by ~1 level, which flips the odd coefficient that sits at the median: within the
+    # default near-duplicate radius, so a JPEG and its PNG copy are still found as duplicates.
+    radius = DataParams().phash_distance
+    dists = []
+    for arr in [photo(10 + s, (1024, 768)) for s in range(4)] + [skdata.astronaut(), skdata.coffee()]:
+        jpeg = prepare_for_store(_jpeg(arr), LIMITS)
+        assert jpeg.ext == "jpg"
+        with Image.open(io.BytesIO(_jpeg(arr))) as img:  # the pixels its PNG re-encode would hold
+            dists.append(hamming(phash(jpeg.image), phash(img.convert("RGB"))))
+        assert phash(jpeg.image) == phash(prepare_for_store(_jpeg(arr), LIMITS).image)  # deterministic
+    assert max(dists) <= radius and sum(dists) <= 2 * len(dists), dists
+
+
+def test_shards_are_deterministic_webdataset_tars_read_by_offset(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    members = []
+    for i in range(7):
+        f = src / f"{i}.bin"
+        f.write_bytes(bytes([i]) * (300 + 700 * i))  # sizes that are not multiples of 512
+        members.append(Member(f"k{i:02d}", "jpg", f, sidecar_json("a cat" if i % 2 else "", {"aesthetic": 5.0 + i})))
+
+    def write(root):
+        w = ShardWriter(root, "train", max_bytes=6000, max_images=3)
+        placed = [w.add(m) for m in members]
+        return placed, w.close()
+
+    placed, shards = write(tmp_path / "a")
+    placed_b, shards_b = write(tmp_path / "b")
+    assert placed == placed_b and len(shards) > 2  # the byte limit closes shards before 3 images
+    for s in shards:
+        assert (tmp_path / "a" / s).read_bytes() == (tmp_path / "b" / s).read_bytes()
+    store = ShardStore(tmp_path / "a")
+    for m, p in zip(members, placed, strict=True):
+        assert store.read(p.shard, p.offset, p.size) == m.source.read_bytes()
+    # What webdataset reads: <key>.<ext> then <key>.json, fixed headers, in order.
+    with tarfile.open(tmp_path / "a" / shards[0]) as tf:
+        infos = tf.getmembers()
+        assert [i.name for i in infos] == ["k00.jpg", "k00.json", "k01.jpg", "k01.json"]
+        assert {(i.mtime, i.uid, i.gid, i.mode, i.uname) for i in infos} == {(0, 0, 0, 0o644, "")}
+        assert json.loads(tf.extractfile("k01.json").read()) == {"aesthetic": 6.0, "caption": "a cat"}
+        assert infos[2].offset_data == placed[1].offset
+
+
+def _samples(stream: CropStream, steps: range, batch: int, rank: int, world: int) -> list[np.ndarray]:
+    sampler = StepSampler(steps.start, steps.stop, batch, rank, world)
+    return [stream.sample(i)[0] for i in sampler]
+
+
+def test_remote_dataset_rank_downloads_only_its_shards(tmp_path, curated, s3_endpoint):
+    """The curated fixture on moto S3: a rank's crops equal the local ones and only its shards are fetched."""
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint)
+    s3.create_bucket(Bucket="data")
+    for f in sorted(curated.rglob("*")):
+        if f.is_file():
+            s3.upload_file(str(f), "data", f"curated/{f.relative_to(curated).as_posix()}")
+    p = AugmentParams(crop_size=32, pixel_store=False, cache_images=False)
+    opts = {"endpoint_url": s3_endpoint}
+    remote = CropStream("s3://data/curated", p, seed=5, length=10_000, cache_dir=tmp_path / "cache",
+                        storage_options=opts)
+    local = CropStream(curated, p, seed=5, length=10_000)
+    steps, batch, rank, world = range(3, 4), 2, 1, 4
+    got = _samples(remote, steps, batch, rank, world)
+    assert all(np.array_equal(a, b) for a, b in zip(got, _samples(local, steps, batch, rank, world), strict=True))
+    need = {remote.rows[remote.sample(i)[1]["image"]].shard for i in StepSampler(3, 4, batch, rank, world)}
+    train_shards = {r.shard for r in remote.rows}
+    assert need < train_shards  # the draw is fixed by the seed: this rank needs a strict subset
+    cached = {p.relative_to(remote.data.store.cache).as_posix() for p in remote.data.store.cache.rglob("*.tar")}
+    assert remote.data.store.touched == need and cached == need
+    # Ranged reads: the same crops, one GET per image, nothing staged.
+    ranged = CropStream("s3://data/curated", p, seed=5, length=10_000, cache_dir=tmp_path / "nocache",
+                        storage_options=opts, shard_cache=False)
+    assert all(np.array_equal(a, b) for a, b in zip(got, _samples(ranged, steps, batch, rank, world), strict=True))
+    assert ranged.data.store.touched == need and not (tmp_path / "nocache").exists()
+    # Evaluation reads the eval split from the same remote root.
+    from vaeft.data.evalset import eval_items, load_eval_image
+
+    items = eval_items("s3://data/curated", cache_dir=tmp_path / "cache", storage_options=opts)
+    assert [it.row.sha256 for it in items] == [r.sha256 for r in read_manifest(curated, split="eval")]
+    assert load_eval_image(items[0], 32).shape == (32, 32, 3)
