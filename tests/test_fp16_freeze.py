@@ -48,7 +48,7 @@ def test_check_fp16_cli_table_and_exit_code(tmp_path, capsys):
         bad.decoder.up_blocks[1].resnets[0].conv2.weight.mul_(1e6)
     save_diffusers(ok, tmp_path / "ok")
     save_diffusers(bad, tmp_path / "bad")
-    args = ["check-fp16", "--latent-size", "8", "--batch-size", "1"]
+    args = ["check-fp16", "--size", "64", "--images", "1"]
     with pytest.raises(SystemExit) as done:
         main([*args, str(tmp_path / "ok")])
         raise SystemExit(0)
