@@ -57,7 +57,7 @@ def test_user_errors_are_one_line(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "vaeft", "recipe", "apply", "nope", "--out", str(tmp_path / "p.yaml")],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
-    assert proc.stderr.strip() == "error: unknown recipe 'nope' (available: furception, sd-vae-ft, sdxl)"
+    assert proc.stderr.strip() == "error: unknown recipe 'nope' (available: furception, sd-vae-ft, sdxl, sdxl-fp16)"
     proc = subprocess.run([sys.executable, "-m", "vaeft", "evaluate", "-m", "bad"], capture_output=True, text=True,
                           timeout=120, cwd=tmp_path)
     assert proc.returncode == 2 and "expects NAME=PATH" in proc.stderr
