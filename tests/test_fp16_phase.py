@@ -12,8 +12,9 @@ from safetensors.torch import load_file
 
 from tests.conftest import tiny_params_dict
 from vaeft.cli import main
-from vaeft.config import EvaluateParams, parse_params
+from vaeft.config import EvaluateParams, ExportParams, parse_params
 from vaeft.evaluate.report import evaluate_models
+from vaeft.export.release import export_models
 from vaeft.model.freeze import is_decoder_side
 from vaeft.model.io import load_autoencoder, save_diffusers
 from vaeft.model.probes import FP16_MAX, ActivationProbe
@@ -113,6 +114,9 @@ def test_train_fp16_makes_an_unsafe_decoder_safe(tmp_path, curated, base_model, 
     table = (result.report_dir / "eval_table.md").read_text()
     assert "fp16 decode vs teacher fp32" in table and "decoder.up_blocks.3" in table and "| PSNR |" in table
     assert result.metrics["fp16"]["fp16"]["psnr_fp16_vs_teacher"] == pytest.approx(fp16["psnr_fp16_vs_teacher"])
+    export_models(ExportParams(), {"fp16": tmp_path / "safe"}, tmp_path / "export", result.report_dir / "eval_table.md")
+    card = (tmp_path / "export" / "fp16" / "README.md").read_text()
+    assert "## float16" in card and "fp16 decode vs teacher fp32" in card
 
 
 def test_the_penalty_fine_tune_lowers_peaks_rescaling_is_not_allowed_to(tmp_path, curated, base_model):

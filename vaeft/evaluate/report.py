@@ -165,19 +165,6 @@ def fp16_table(fp16: dict[str, dict]) -> list[str]:
     return lines
 
 
-def fp16_phase_info(model_dir: str | Path) -> dict | None:
-    """The fp16 phase's record (peaks, PSNRs) from a model folder's run_info.json; None otherwise."""
-    import json
-
-    path = Path(model_dir) / provenance.RUN_INFO_FILE
-    try:
-        info = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    fp16 = info.get("fp16") if info.get("stage") == "train-fp16" else None
-    return fp16 if isinstance(fp16, dict) else None
-
-
 # ----------------------------------------------------------------------------------------- stage
 
 
@@ -238,7 +225,7 @@ def evaluate_models(
             per_image[name] = acc.arrays()
     metrics = {name: json_safe(s.as_dict()) for name, s in summaries.items()}
     for name, path in models.items():
-        if (fp16 := fp16_phase_info(path)) is not None:
+        if (fp16 := provenance.stage_record(path, "train-fp16", "fp16")) is not None:
             metrics[name]["fp16"] = fp16
     atomic.write_json(metrics_file, metrics)
     with atomic.atomic_dir(report_dir, "eval-report", force=force, inputs=inputs) as tmp:

@@ -37,7 +37,7 @@ class ExportResult:
         return self.out_dir / SUMS_FILE
 
 
-def model_card(name: str, eval_table: str | None) -> str:
+def model_card(name: str, eval_table: str | None, fp16: dict | None = None) -> str:
     lines = [
         f"# {name}",
         "",
@@ -53,9 +53,21 @@ def model_card(name: str, eval_table: str | None) -> str:
         "that load single-file VAEs.",
         "",
     ]
+    if fp16 is not None:
+        after = fp16.get("peaks_after") or {}
+        peak = max(after.values(), default=float("nan"))
+        lines += ["## float16", "",
+                  f"The decoder was made fp16-safe with `vaeft train fp16`: every decoder block's peak |activation| "
+                  f"is {peak:.4g} or less on {fp16.get('check_images')} eval images at {fp16.get('check_size')}px "
+                  f"(fp16's max: 65504); its fp16 decode is {_db(fp16.get('psnr_fp16_vs_teacher'))} PSNR from the "
+                  f"original's fp32 decode, its fp32 decode {_db(fp16.get('psnr_fp32_vs_teacher'))}.", ""]
     if eval_table:
         lines += ["## Evaluation", "", eval_table.strip(), ""]
     return "\n".join(lines)
+
+
+def _db(v) -> str:
+    return f"{v:.2f} dB" if isinstance(v, (int, float)) else str(v)
 
 
 def write_sums(root: Path) -> Path:
@@ -102,7 +114,8 @@ def export_models(
             vae = load_autoencoder(path, dtype=dtype)
             save_diffusers(vae, tmp / name / "diffusers", marked=False)
             save_ldm(vae, tmp / name / "ldm" / f"{name}.safetensors")
-            atomic.write_text(tmp / name / "README.md", model_card(name, table))
+            fp16 = provenance.stage_record(path, "train-fp16", "fp16")
+            atomic.write_text(tmp / name / "README.md", model_card(name, table, fp16))
             written[name] = out_dir / name / "diffusers"
         # run_info names the input paths, not the release: SHA256SUMS covers the released files only.
         write_sums(tmp)
