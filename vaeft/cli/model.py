@@ -52,6 +52,9 @@ def check_fp16_cmd(
     seed: Annotated[int, typer.Option(help="seed of the random latents")] = 0,
     min_headroom: Annotated[float, typer.Option(
         min=1.0, help="also fail when a block keeps less than this factor to fp16's max (1: only overflow fails)")] = 1.0,
+    emulate: Annotated[bool | None, typer.Option(
+        "--emulate/--native", help="fp16 rounding on fp32 kernels, or real fp16 kernels [emulate on CPU, native on GPU; "
+        "torch's CPU fp16 convolutions are 35-110x slower]")] = None,
     norm_num_groups: GroupsOpt = None,
 ) -> None:
     """Decode latents in float16; print each block's largest activation and its share of fp16's max
@@ -74,8 +77,9 @@ def check_fp16_cmd(
         what = f"eval images of {data}"
     else:
         latents, what = random_latents(vae, images, size // factor, seed), "random latents"
-    report = check_fp16(vae, latents=latents)
-    table = Table(title=f"fp16 decode of {model} on {report.device}: {what}, latents {report.batch_shape} "
+    report = check_fp16(vae, latents=latents, emulate=emulate)
+    mode = "fp16 emulated on fp32 kernels" if report.emulated else "fp16"
+    table = Table(title=f"{mode} decode of {model} on {report.device}: {what}, latents {report.batch_shape} "
                         f"({size}x{size} images)")
     for col, kw in (("block", {}), ("max |activation|", {"justify": "right"}),
                     (f"peak / {FP16_MAX:.0f}", {"justify": "right"}),

@@ -15,7 +15,8 @@ quant_conv stay byte-identical, so the latent space and every diffusion model on
    excess of each probe's largest activations over ``aim * target``; peaks are measured again
    every ``check_every`` steps and training stops once all are below ``target``.
 
-Then the student is decoded in real fp16 on the check latents: the phase fails, writing nothing,
+Then the student is decoded in fp16 on the check latents (emulated on CPU, see
+:func:`vaeft.model.fp16.decode_fp16`): the phase fails, writing nothing,
 if that overflows or if the fp32 reconstructions drifted below ``min_teacher_psnr`` of the
 teacher's. ``run_info.json`` records the per-block peaks before and after and both PSNRs; the
 evaluate stage puts them in the eval table (and so in the model card).
@@ -42,6 +43,7 @@ from vaeft.device import pick_device
 from vaeft.errors import VaeftError
 from vaeft.hashing import tree_sha256
 from vaeft.losses.reconstruction import ReconstructionLoss
+from vaeft.model.fp16 import decode_fp16
 from vaeft.model.freeze import configure_trainable, encoder_state, set_modes
 from vaeft.model.io import load_with_architecture, save_diffusers
 from vaeft.model.probes import FP16_MAX, ActivationProbe
@@ -100,15 +102,12 @@ def psnr_db(ref: torch.Tensor, test: torch.Tensor) -> float:
     return math.inf if mse == 0 else 10 * math.log10(1.0 / mse)
 
 
-@torch.no_grad()
 def fp16_decode(vae: torch.nn.Module, latents: torch.Tensor) -> tuple[torch.Tensor, set[str]]:
-    """A float16 copy of ``vae`` decodes ``latents``: (output, blocks with inf/NaN)."""
-    half = torch.nn.Module.to(copy.deepcopy(vae), dtype=torch.float16).eval()
-    outs = []
-    with ActivationProbe(half) as probe:
-        for z in latents.split(1):
-            outs.append(half.decode(z.to(torch.float16)).sample.float())
-    return torch.cat(outs), probe.block_nonfinite()
+    """A float16 copy of ``vae`` decodes ``latents`` (emulated on CPU, :func:`vaeft.model.fp16.decode_fp16`):
+    (output, blocks with inf/NaN)."""
+    device = next(vae.parameters()).device
+    out, probe = decode_fp16(copy.deepcopy(vae), latents, device)
+    return out, probe.block_nonfinite()
 
 
 def _all_below(peaks: dict[str, float], target: float) -> bool:
@@ -154,9 +153,10 @@ def train_fp16(
     if cfg.rescale:
         stream, hidden = fit_rescale(student, before_points, aim)
         rescale_decoder(student, stream, hidden)
-    probe, _ = measure(student, latents)
-    peaks = probe.block_peaks()
-    if cfg.rescale:
+    rescaled = bool(hidden) or any(s != 1.0 for s in stream)
+    # An already-safe decoder is left as it is: nothing to measure again.
+    peaks = measure(student, latents)[0].block_peaks() if rescaled else dict(before)
+    if rescaled:
         console.print(f"rescaled: stream x {', '.join(f'{s:.3g}' for s in stream)}; {len(hidden)} hidden "
                       f"output(s); largest peak now {_worst(peaks)}")
 
@@ -169,7 +169,7 @@ def train_fp16(
                              f"train.fp16.target = {cfg.target:g}; raise train.fp16.steps, penalty or lr")
 
     student.eval()
-    _, student_out = measure(student, latents)
+    student_out = measure(student, latents)[1] if rescaled or steps else teacher_out
     half_out, overflow = fp16_decode(student, latents)
     psnr16, psnr32 = psnr_db(teacher_out, half_out), psnr_db(teacher_out, student_out)
     if overflow:
