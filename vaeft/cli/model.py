@@ -54,7 +54,7 @@ def check_fp16_cmd(
         min=1.0, help="also fail when a block keeps less than this factor to fp16's max (1: only overflow fails)")] = 1.0,
     emulate: Annotated[bool | None, typer.Option(
         "--emulate/--native", help="fp16 rounding on fp32 kernels, or real fp16 kernels [emulate on CPU, native on GPU; "
-        "torch's CPU fp16 convolutions are 35-110x slower]")] = None,
+        "torch's CPU fp16 convolutions are 42-114x slower]")] = None,
     norm_num_groups: GroupsOpt = None,
 ) -> None:
     """Decode latents in float16; print each block's largest activation and its share of fp16's max

@@ -71,7 +71,7 @@ class _Fp16Storage:
     and every module's output rounded to fp16 (a value past 65504 becomes inf, as it would).
 
     GPU fp16 convolutions, matmuls and norms accumulate in fp32 and round their output; torch's
-    CPU fp16 convolution instead takes a slow reference path (35-110x an fp32 decode,
+    CPU fp16 convolution instead takes a slow reference path (42-114x an fp32 decode,
     BENCHMARKS.md), which makes a 1024x1024 check of an SD decoder take hours. Rounding at every
     module boundary is what the emulation keeps; elementwise steps inside a module (the resnet's
     residual add, SiLU's product) round once, at the module's output.
