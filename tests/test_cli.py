@@ -79,7 +79,7 @@ def test_user_errors_are_one_line(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "vaeft", "recipe", "apply", "nope", "--out", str(tmp_path / "p.yaml")],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
-    assert proc.stderr.strip() == "error: unknown recipe 'nope' (available: furception, sd-vae-ft, sdxl)"
+    assert proc.stderr.strip() == "error: unknown recipe 'nope' (available: furception, sd-vae-ft, sdxl-fp16, sdxl)"
     proc = subprocess.run([sys.executable, "-m", "vaeft", "evaluate", "-m", "bad"], capture_output=True, text=True,
                           timeout=120, cwd=tmp_path)
     assert proc.returncode == 2 and "expects NAME=PATH" in proc.stderr
@@ -107,7 +107,7 @@ def test_cpu_install_has_no_cuda_packages():
 
 def test_help_keeps_bracketed_defaults_lists_choices_and_no_bool_metavar():
     train = runner.invoke(app, ["train", "--help"], terminal_width=200).output
-    assert "[models/ft-PHASE]" in train and "<ema|mse>" in train
+    assert "[models/ft-PHASE]" in train and "<ema|mse|fp16>" in train
     assert "--to <diffusers|ldm>" in runner.invoke(app, ["convert", "--help"], terminal_width=200).output
     assert "[both]" in runner.invoke(app, ["metrics", "--help"], terminal_width=200).output
     for cmd in (["train"], ["publish"], ["evaluate"]):

@@ -27,10 +27,30 @@ def test_fp16_decode_of_a_sane_model_is_finite():
     assert torch.ones(1, 2, 4, 4, dtype=torch.float16).sum().dtype == torch.float16
     report = check_fp16(tiny(), batch_size=2, latent_size=8)
     assert not report.overflow and report.device in ("cpu", "cuda:0", "cuda")
+    assert report.emulated == (report.device == "cpu")
     names = [b.name for b in report.blocks]
     assert names[:3] == ["post_quant_conv", "decoder.conv_in", "decoder.mid_block"] and names[-1] == "decoder.conv_out"
     assert len([n for n in names if n.startswith("decoder.up_blocks.")]) == 4
     assert all(0 < b.max_abs < 65504 for b in report.blocks)
+
+
+def test_emulated_fp16_agrees_with_real_fp16_kernels():
+    """The CPU default (fp16 rounding on fp32 kernels) finds the same overflow, at the same block,
+    with the same peaks to fp16 precision, as torch's real (slow) fp16 kernels."""
+    for scale in (1.0, 1e6):
+        reports = []
+        for emulate in (True, False):
+            vae = tiny()
+            with torch.no_grad():
+                vae.decoder.up_blocks[1].resnets[0].conv2.weight.mul_(scale)
+            reports.append(check_fp16(vae, batch_size=1, latent_size=8, emulate=emulate))
+        emulated, native = reports
+        assert emulated.emulated and not native.emulated
+        assert emulated.overflow == native.overflow == (scale > 1)
+        assert emulated.first_overflow == native.first_overflow
+        for e, n in zip(emulated.blocks, native.blocks):
+            if not (e.nonfinite or n.nonfinite):
+                assert e.max_abs == pytest.approx(n.max_abs, rel=2e-2), e.name
 
 
 def test_fp16_overflow_is_reported_at_the_block_where_it_starts():
@@ -48,7 +68,7 @@ def test_check_fp16_cli_table_and_exit_code(tmp_path, capsys):
         bad.decoder.up_blocks[1].resnets[0].conv2.weight.mul_(1e6)
     save_diffusers(ok, tmp_path / "ok")
     save_diffusers(bad, tmp_path / "bad")
-    args = ["check-fp16", "--latent-size", "8", "--batch-size", "1"]
+    args = ["check-fp16", "--size", "64", "--images", "1"]
     with pytest.raises(SystemExit) as done:
         main([*args, str(tmp_path / "ok")])
         raise SystemExit(0)

@@ -308,6 +308,57 @@ class TrainPhaseParams(_Strict):
         return self
 
 
+class Fp16PhaseParams(_Strict):
+    """The fp16 phase: make the decoder's activations fit float16 while keeping its output.
+
+    First an exact rescaling (GroupNorm-invariant, the fp32 output unchanged) brings every
+    stream stage and hidden resnet output measured above ``aim * target`` down to it; then a
+    fine-tune of the decoder side against the frozen original (the teacher's fp32
+    reconstruction of the same latent, ``loss`` terms) with ``penalty`` x the squared relative
+    excess of the largest activations over ``aim * target``, until every block's peak, measured
+    on the eval images' latents at ``check_size``, is below ``target``.
+    """
+
+    # At most this many fine-tune steps; the phase stops as soon as every peak is below target
+    # (0 steps when the rescaling alone did it) and fails, writing nothing, if it never gets there.
+    steps: PositiveInt = 200
+    batch_size: PositiveInt = 8
+    lr: PositiveFloat = 1e-4
+    betas: tuple[float, float] = (0.5, 0.9)
+    grad_clip: PositiveFloat | None = 1.0
+    # Matching the teacher's reconstruction. LPIPS (loss.lpips > 0) is used when its backbone is in
+    # the weight store and skipped with a warning when not: the pixel terms alone already pin the
+    # output to the teacher's.
+    loss: LossParams = Field(default_factory=lambda: LossParams(mse=1.0))
+    # Every block's peak |activation| must end below this (fp16's max is 65504: 16384 keeps 4x).
+    target: float = Field(default=16384.0, gt=0.0, le=65504.0)
+    # Rescaling and the penalty aim at aim x target, leaving room for inputs bigger than the probes.
+    aim: float = Field(default=0.5, gt=0.0, le=1.0)
+    penalty: NonNegativeFloat = 1.0
+    rescale: bool = True
+    # The largest decode size asked for (image side, pixels) and how many eval images measure it.
+    check_size: PositiveInt = 256
+    check_images: PositiveInt = 2
+    check_every: PositiveInt = 10
+    # Fail (no model written) if the fp32 reconstructions drift further than this from the
+    # teacher's (PSNR in dB on the check images): an fp16-safe decoder that got worse is no fix.
+    min_teacher_psnr: NonNegativeFloat = 35.0
+    log_every: PositiveInt = 10
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(0.0 <= b < 1.0 for b in v):
+            raise ValueError("betas must each be in [0, 1)")
+        return v
+
+    @model_validator(mode="after")
+    def _decoder_terms_only(self) -> Fp16PhaseParams:
+        if self.loss.kl > 0 or self.loss.learn_logvar:
+            raise ValueError("the fp16 phase trains the decoder side only: loss.kl and loss.learn_logvar must be off")
+        return self
+
+
 def _default_pretrain() -> TrainPhaseParams:
     return TrainPhaseParams(steps=250, lr=1e-3, loss=LossParams(l1=1.0, kl=1e-6), trainable="all", ema=False)
 
@@ -316,6 +367,7 @@ class TrainParams(_Strict):
     pretrain: TrainPhaseParams = Field(default_factory=_default_pretrain)
     ema: TrainPhaseParams = Field(default_factory=lambda: TrainPhaseParams(steps=100, loss=LossParams(l1=1.0)))
     mse: TrainPhaseParams = Field(default_factory=lambda: TrainPhaseParams(steps=100, loss=LossParams(mse=1.0)))
+    fp16: Fp16PhaseParams = Field(default_factory=Fp16PhaseParams)
 
     @model_validator(mode="after")
     def _finetunes_are_decoder_only(self) -> TrainParams:
@@ -395,6 +447,9 @@ class Params(_Strict):
             raise _KeyedError("evaluate.image_size", size, f"not a multiple of the model's downsampling factor {factor}")
         if size > min_side:
             raise _KeyedError("evaluate.image_size", size, f"larger than data.min_side={min_side}")
+        check = self.train.fp16.check_size
+        if check % factor:
+            raise _KeyedError("train.fp16.check_size", check, f"not a multiple of the model's downsampling factor {factor}")
         return self
 
 

@@ -77,6 +77,16 @@ def recorded_steps(model_dir: str | Path) -> int | None:
     return steps if isinstance(steps, int) and steps > 0 else None
 
 
+def stage_record(model_dir: str | Path, stage: str, key: str) -> dict[str, Any] | None:
+    """``run_info.json``'s ``key`` entry when the folder is an output of ``stage`` (else None)."""
+    try:
+        info = json.loads((Path(model_dir) / RUN_INFO_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    entry = info.get(key) if isinstance(info, dict) and info.get("stage") == stage else None
+    return entry if isinstance(entry, dict) else None
+
+
 def write_run_info(out_dir: str | Path, stage: str, params: dict[str, BaseModel] | None = None, **extra: Any) -> Path:
     """Write ``run_info.json`` into ``out_dir`` (a pure function of the arguments).
 

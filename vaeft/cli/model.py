@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from vaeft.cli.common import ForceOpt, app, require
+from vaeft.cli.common import ForceOpt, UsageError, app, require
 
 EmaOpt = Annotated[bool, typer.Option("--ema", help="take a full training checkpoint's EMA weights (model_ema.*)")]
 GroupsOpt = Annotated[
@@ -45,29 +45,60 @@ def convert(
 @app.command("check-fp16")
 def check_fp16_cmd(
     model: Annotated[Path, typer.Argument(help="model to check (any format `vaeft convert` reads)")],
-    batch_size: Annotated[int, typer.Option(help="latents per batch")] = 2,
-    latent_size: Annotated[int, typer.Option(help="latent height/width (image side / 8)")] = 32,
+    data: Annotated[Path | None, typer.Option(
+        help="curated data directory (or image folder): decode the latents of its eval images instead of random ones")] = None,
+    size: Annotated[int, typer.Option(min=8, max=1024, help="image side in pixels (latents are size / 8)")] = 256,
+    images: Annotated[int, typer.Option("--images", "--batch-size", min=1, help="how many latents (eval images or random)")] = 2,
     seed: Annotated[int, typer.Option(help="seed of the random latents")] = 0,
+    min_headroom: Annotated[float, typer.Option(
+        min=1.0, help="also fail when a block keeps less than this factor to fp16's max (1: only overflow fails)")] = 1.0,
+    emulate: Annotated[bool | None, typer.Option(
+        "--emulate/--native", help="fp16 rounding on fp32 kernels, or real fp16 kernels [emulate on CPU, native on GPU; "
+        "torch's CPU fp16 convolutions are 42-114x slower]")] = None,
     norm_num_groups: GroupsOpt = None,
 ) -> None:
-    """Decode latents in float16; print each block's largest activation; exit 1 if anything overflows."""
+    """Decode latents in float16; print each block's largest activation and its share of fp16's max
+    (65504); exit 1 if anything overflows (or keeps less than --min-headroom)."""
     from rich.table import Table
 
     from vaeft.console import console
-    from vaeft.model.fp16 import check_fp16
+    from vaeft.model.fp16 import FP16_MAX, check_fp16, random_latents
     from vaeft.model.io import load_autoencoder
 
     vae = load_autoencoder(require(model, "model"), norm_num_groups=norm_num_groups)
-    report = check_fp16(vae, batch_size=batch_size, latent_size=latent_size, seed=seed)
-    table = Table(title=f"fp16 decode of {model} on {report.device}, latents {report.batch_shape}")
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    if size % factor:
+        raise UsageError(f"--size {size} is not a multiple of the model's downsampling factor {factor}")
+    if data is not None:
+        from vaeft.device import pick_device
+        from vaeft.train.fp16 import eval_latents
+
+        latents = eval_latents(vae, require(data, "data directory"), size, images, pick_device())
+        what = f"eval images of {data}"
+    else:
+        latents, what = random_latents(vae, images, size // factor, seed), "random latents"
+    report = check_fp16(vae, latents=latents, emulate=emulate)
+    mode = "fp16 emulated on fp32 kernels" if report.emulated else "fp16"
+    table = Table(title=f"{mode} decode of {model} on {report.device}: {what}, latents {report.batch_shape} "
+                        f"({size}x{size} images)")
     for col, kw in (("block", {}), ("max |activation|", {"justify": "right"}),
-                    ("headroom to 65504", {"justify": "right"}), ("status", {})):
+                    (f"peak / {FP16_MAX:.0f}", {"justify": "right"}),
+                    ("headroom", {"justify": "right"}), ("status", {})):
         table.add_column(col, **kw)
     for b in report.blocks:
-        status = "[red]OVERFLOW (inf/NaN)[/]" if b.nonfinite else "ok"
-        table.add_row(b.name, f"{b.max_abs:.4g}", f"{b.headroom:.3g}x", status)
+        if b.nonfinite:
+            status = "[red]OVERFLOW (inf/NaN)[/]"
+        elif b.headroom < min_headroom:
+            status = f"[yellow]headroom < {min_headroom:g}x[/]"
+        else:
+            status = "ok"
+        fill = "inf" if b.nonfinite else f"{b.fill:.2%}"
+        table.add_row(b.name, f"{b.max_abs:.4g}", fill, f"{b.headroom:.3g}x", status)
     console.print(table)
     if report.overflow:
         console.print(f"[red]fp16 overflow: first at {report.first_overflow}[/]")
+        raise typer.Exit(1)
+    if unsafe := report.unsafe(min_headroom):
+        console.print(f"[red]less than {min_headroom:g}x headroom to fp16's max in {', '.join(unsafe)}[/]")
         raise typer.Exit(1)
     console.print("[green]no fp16 overflow[/]")

@@ -99,6 +99,7 @@ def pretrain(
 class FinetunePhase(str, Enum):
     ema = "ema"
     mse = "mse"
+    fp16 = "fp16"
 
 
 @app.command()
@@ -116,6 +117,9 @@ def train(
 ) -> None:
     """Decoder-only fine-tune (encoder frozen), exporting EMA weights. Re-running resumes.
 
+    fp16: make the decoder fp16-safe (exact rescaling, then a short fine-tune against the frozen
+    original until every block's peak is below train.fp16.target); one process, no resume.
+
     Set VAEFT_NPROC_PER_NODE (and for several nodes VAEFT_NNODES, VAEFT_NODE_RANK,
     VAEFT_RDZV_ENDPOINT) to run under torchrun.
     """
@@ -127,6 +131,11 @@ def train(
     require(init, "init model")
     out = out or Path(f"models/ft-{phase}")
     check_outputs(out, log, [data, init, crops], force)  # before any training, once
+    if phase == "fp16":
+        from vaeft.train.fp16 import train_fp16
+
+        train_fp16(p, data, out, init, log, crops_dir=crops, force=force)
+        return
     relaunch_if_asked()
     train_phase(phase, p, data, out, init, log, state_dir, crops_dir=crops, force=force, fresh=fresh)
 

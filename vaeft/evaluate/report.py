@@ -139,7 +139,34 @@ def markdown_table(metrics: dict[str, dict], train_steps: dict[str, int | None],
               f"rFID: {NOTES['rfid']}."]
     if notes:
         lines += [""] + [f"[{k}] n/a: {text}" for text, k in notes.items()]
+    fp16 = {name: m["fp16"] for name, m in metrics.items() if isinstance(m.get("fp16"), dict)}
+    if fp16:
+        lines += ["", *fp16_table(fp16)]
     return "\n".join(lines) + "\n"
+
+
+def _db(v) -> str:
+    return f"{v:.2f} dB" if isinstance(v, (int, float)) else str(v)
+
+
+def fp16_table(fp16: dict[str, dict]) -> list[str]:
+    """Per fp16-phase model: per-block peak |activation| before (the teacher) and after, at the
+    phase's check size, and how close its fp16 and fp32 decodes stay to the teacher's fp32 one."""
+    lines = ["### fp16 safety (`vaeft train fp16`)", "",
+             "| Model | fp16 decode vs teacher fp32 (PSNR) | fp32 vs teacher fp32 (PSNR) | check | target |",
+             "|---|---|---|---|---|"]
+    for name, f in fp16.items():
+        lines.append(f"| {name} | {_db(f.get('psnr_fp16_vs_teacher'))} | {_db(f.get('psnr_fp32_vs_teacher'))} | "
+                     f"{f.get('check_images')} eval images at {f.get('check_size')}px | {f.get('target'):g} |")
+    for name, f in fp16.items():
+        before, after = f.get("peaks_before", {}), f.get("peaks_after", {})
+        lines += ["", f"Per-block peak |activation| of {name} (fp16's max: 65504):", "",
+                  "| Block | before | after | after / 65504 |", "|---|---|---|---|"]
+        for block in dict.fromkeys([*before, *after]):
+            b, a = before.get(block), after.get(block)
+            lines.append(f"| {block} | {b:.4g} | {a:.4g} | {a / 65504:.2%} |" if b is not None and a is not None
+                         else f"| {block} | {b} | {a} | |")
+    return lines
 
 
 # ----------------------------------------------------------------------------------------- stage
@@ -201,6 +228,9 @@ def evaluate_models(
             summaries[name] = acc.summary(pair, ref_stats if pair.inception is not None else None)
             per_image[name] = acc.arrays()
     detail = {name: json_safe(s.as_dict()) for name, s in summaries.items()}
+    for name, path in models.items():  # the fp16 phase's record: in the report, not the headline
+        if (fp16 := provenance.stage_record(path, "train-fp16", "fp16")) is not None:
+            detail[name]["fp16"] = fp16
     metrics = {name: headline(d) for name, d in detail.items()}
     atomic.write_json(metrics_file, metrics)
     with atomic.atomic_dir(report_dir, "eval-report", force=force, inputs=inputs) as tmp:

@@ -101,10 +101,10 @@ def _data_lines(data_dir: Path | None) -> list[str]:
 
 
 def model_card(name: str, eval_table: str | None, chain: list[dict[str, Any]] | None = None,
-               data_dir: Path | None = None) -> str:
+               data_dir: Path | None = None, fp16: dict | None = None) -> str:
     """The README of one exported model. ``chain``: :func:`lineage` of the model. A model whose
     base vaeft pretrained from scratch is the demo's: the card says so and claims no
-    compatibility with any released VAE."""
+    compatibility with any released VAE. ``fp16``: the fp16 phase's record, for its own section."""
     chain = chain or []
     base = chain[0] if chain else {}
     demo = base.get("stage") == "train-pretrain"
@@ -141,12 +141,24 @@ def model_card(name: str, eval_table: str | None, chain: list[dict[str, Any]] | 
     if chain:
         lines += ["## Training", "", *_training_table(chain), ""]
     lines += ["## Data", "", *_data_lines(data_dir), ""]
+    if fp16 is not None:
+        after = fp16.get("peaks_after") or {}
+        peak = max(after.values(), default=float("nan"))
+        lines += ["## float16", "",
+                  f"The decoder was made fp16-safe with `vaeft train fp16`: every decoder block's peak |activation| "
+                  f"is {peak:.4g} or less on {fp16.get('check_images')} eval images at {fp16.get('check_size')}px "
+                  f"(fp16's max: 65504); its fp16 decode is {_db(fp16.get('psnr_fp16_vs_teacher'))} PSNR from the "
+                  f"original's fp32 decode, its fp32 decode {_db(fp16.get('psnr_fp32_vs_teacher'))}.", ""]
     if eval_table:
         lines += ["## Evaluation", ""]
         if demo:
             lines += ["`original` in these tables is the demo's own base above, not the released kl-f8.", ""]
         lines += [eval_table.strip(), ""]
     return "\n".join(lines)
+
+
+def _db(v) -> str:
+    return f"{v:.2f} dB" if isinstance(v, (int, float)) else str(v)
 
 
 def write_sums(root: Path) -> Path:
@@ -195,8 +207,9 @@ def export_models(
             vae = load_autoencoder(path, dtype=dtype)
             save_diffusers(vae, tmp / name / "diffusers", marked=False)
             save_ldm(vae, tmp / name / "ldm" / f"{name}.safetensors")
+            fp16 = provenance.stage_record(path, "train-fp16", "fp16")
             atomic.write_text(tmp / name / "README.md", model_card(name, table, lineage(path),
-                                                                   Path(data_dir) if data_dir else None))
+                                                                   Path(data_dir) if data_dir else None, fp16))
             written[name] = out_dir / name / "diffusers"
         # run_info names the input paths, not the release: SHA256SUMS covers the released files only.
         write_sums(tmp)
