@@ -50,7 +50,7 @@ from vaeft.train.logs import (
     print_row,
     tensorboard_writer,
 )
-from vaeft.train.step import StepResult, TrainStep
+from vaeft.train.step import StepResult, TrainStep, eager
 
 PHASES = ("pretrain", "ema", "mse")
 MAX_CONSECUTIVE_NONFINITE = 20
@@ -143,7 +143,8 @@ def build_loss(cfg: TrainPhaseParams) -> ReconstructionLoss:
     if cfg.loss.lpips > 0:
         from vaeft.losses.lpips import load_lpips_loss
 
-        lpips = load_lpips_loss(cfg.loss.lpips_net)
+        # bf16 phases run LPIPS's backbone in bf16 too (normalisation and distance stay fp32).
+        lpips = load_lpips_loss(cfg.loss.lpips_net, torch.bfloat16 if cfg.precision == "bf16" else None)
     return ReconstructionLoss(cfg.loss, lpips)
 
 
@@ -327,7 +328,8 @@ def _train(phase: str, params: Params, cfg: TrainPhaseParams, ctx: dist_.DistCon
                             if k != "step":
                                 tb.add_scalar(f"{phase}/{k}", v, done)
             if grid_now:
-                grids.write(vae, done, device)
+                with eager():  # another batch, no grad: the compiled blocks would recompile
+                    grids.write(vae, done, device)
             bar.update(task, advance=1, info=f"loss {last_loss:.4f}")
             if checkpoint_now:
                 _save_checkpoint(ctx, store, runner, Progress(done, done * acc, checks.skipped, log_rows))

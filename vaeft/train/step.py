@@ -124,7 +124,7 @@ class TrainStep:
         # so N ranks at batch B sample what 1 rank at batch N*B does.
         self.noise = torch.Generator(device=device).manual_seed(seed + 1)
         self.decoder_only = cfg.trainable == "decoder"
-        if cfg.compile:
+        if cfg.compile is True or (cfg.compile == "cuda" and device.type == "cuda"):
             compile_decoder(vae.decoder)
             if self.decoder_only:
                 vae.encoder.compile()  # frozen and run under no_grad: one graph, forward only
