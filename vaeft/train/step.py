@@ -129,7 +129,7 @@ class TrainStep:
             if self.decoder_only:
                 vae.encoder.compile()  # frozen and run under no_grad: one graph, forward only
         # The generator's gradients are averaged over ranks while backward still runs.
-        self.reducer = dist_.GradReducer(self.ctx, self.g_params) if self.ctx.enabled else None
+        self.reducer = dist_.GradReducer(self.ctx, self.g_params, dist_.BUCKET_BYTES) if self.ctx.enabled else None
         # Skipping a non-finite step without reading the flag on the host: fused Adam takes it as
         # found_inf and leaves the step out on the device. fp16's GradScaler sets found_inf itself.
         self.device_skip = cfg.adam_impl == "fused" and not self.scaler.is_enabled()
