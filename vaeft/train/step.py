@@ -61,6 +61,11 @@ def compile_decoder(decoder: torch.nn.Module) -> None:
         block.compile()
 
 
+def compiles(option: bool | str, device: torch.device) -> bool:
+    """Whether TrainPhaseParams.compile ``option`` compiles on ``device`` ("cuda": on GPUs only)."""
+    return option is True or (option == "cuda" and device.type == "cuda")
+
+
 def eager() -> contextlib.AbstractContextManager:
     """Run compiled modules as plain eager code inside (no recompilation, no graph-cache use)."""
     return torch.compiler.set_stance("force_eager")
@@ -124,7 +129,7 @@ class TrainStep:
         # so N ranks at batch B sample what 1 rank at batch N*B does.
         self.noise = torch.Generator(device=device).manual_seed(seed + 1)
         self.decoder_only = cfg.trainable == "decoder"
-        if cfg.compile is True or (cfg.compile == "cuda" and device.type == "cuda"):
+        if compiles(cfg.compile, device):
             compile_decoder(vae.decoder)
             if self.decoder_only:
                 vae.encoder.compile()  # frozen and run under no_grad: one graph, forward only
