@@ -245,8 +245,15 @@ def _train(phase: str, params: Params, cfg: TrainPhaseParams, ctx: dist_.DistCon
         saved = store.load(readonly=True)
     if saved is not None:
         parts = saved["parts"]
-        runner.load_state_dict(parts["train_step"])
-        noise.set_state(parts["noise_rng"][ctx.rank])
+        try:
+            runner.load_state_dict(parts["train_step"])
+            noise.set_state(parts["noise_rng"][ctx.rank])
+        except RuntimeError as err:
+            # The random streams live on the training device: a CPU run's state does not fit a GPU's.
+            if "rng state" not in str(err).lower() and "generator" not in str(err).lower():
+                raise
+            raise StateError(f"the training state in {store.dir} was saved on another kind of device "
+                             f"({' '.join(str(err).split())[:160]}); resume it there, or pass --fresh") from None
         counters.load_state_dict(parts["progress"])
         if counters.step > cfg.steps:
             raise StateError(f"the training state in {store.dir} is at step {counters.step}, past steps = "
