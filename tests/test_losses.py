@@ -119,7 +119,12 @@ def test_lpips_bf16_backbone_matches_fp32(random_weights, monkeypatch):
     from vaeft.losses.lpips import load_lpips_loss
 
     monkeypatch.setenv("VAEFT_WEIGHTS_DIR", str(random_weights))
-    lp = load_lpips_loss("vgg", torch.bfloat16)
+    normal = torch.nn.init.normal_
+    with monkeypatch.context() as m:
+        # torchvision's VGG16 classifier, which lpips drops, need not be initialised (seconds).
+        m.setattr(torch.nn.Linear, "reset_parameters", lambda self: None)
+        m.setattr(torch.nn.init, "normal_", lambda t, *a, **k: t if t.dim() == 2 else normal(t, *a, **k))
+        lp = load_lpips_loss("vgg", torch.bfloat16)
     g = torch.Generator().manual_seed(0)
     yy, xx = torch.meshgrid(torch.linspace(0, 6, 16), torch.linspace(0, 6, 16), indexing="ij")
     x = torch.stack([torch.sin(xx + k) * torch.cos(yy * (k + 1)) for k in range(3)])[None].repeat(2, 1, 1, 1) * 0.8
