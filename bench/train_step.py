@@ -2,7 +2,7 @@
 
     python bench/train_step.py                          # toy scale on CPU, SD size on CUDA (auto)
     python bench/train_step.py --scale sd --device cuda  # the performance issue's setting: 256², batch 12
-    python bench/train_step.py --levers                 # each lever alone vs vaeft's default config
+    python bench/train_step.py --levers                 # each lever alone vs the recipe's config
     python bench/train_step.py --smoke                  # tiny, seconds (CI)
 
 Both sides fine-tune the decoder side of a diffusers ``AutoencoderKL`` with the sd-vae-ft recipe's
@@ -12,7 +12,11 @@ PatchGAN with the adaptive weight at decoder.conv_out, a discriminator step, EMA
 * naive: what a straightforward script does - eager fp32, the encoder under ``no_grad``, the
   ``lpips`` package, ``torch.optim.AdamW(foreach=False, fused=False)``, LDM's loss written out,
   EMA as a per-parameter loop. Its D step reuses the same reconstruction (LDM recomputes it).
-* vaeft: :class:`vaeft.train.step.TrainStep`, the object the engine's loop calls every step.
+* vaeft: :class:`vaeft.train.step.TrainStep`, the object the engine's loop calls every step, in
+  the recipe's configuration (precision, memory format, compile, Adam, LPIPS backbone dtype as
+  the engine derives it; cuDNN autotuning as the engine sets it). On CPU the precision defaults
+  to fp32 (the recipes are GPU recipes; bf16 convs are slow on CPUs); every option can be
+  overridden on the command line, and the header prints what ran.
 
 Steps alternate between the two sides (naive first on even steps, vaeft first on odd ones), so
 load from other processes hits both alike; the ratio is the number to read on a busy machine.
@@ -41,7 +45,7 @@ import yaml
 
 H100_DENSE_BF16_TFLOPS = 989.0  # H100 SXM spec sheet, dense (no sparsity)
 H100_MEASURED_MATMUL_TFLOPS = 790.0  # a large bf16 matmul on one H100 here (REFERENCE §5)
-TARGET_IMG_S, TARGET_RATIO, TARGET_MEM_GIB = 170.0, 2.0, 20.0
+TARGET_IMG_S, TARGET_RATIO, TARGET_MEM_GIB = 200.0, 2.0, 20.0  # issue 17, per H200
 
 TOY_ARCH = {"block_out_channels": [32, 32, 64, 64], "layers_per_block": 1, "norm_num_groups": 8}
 SMOKE_ARCH = {"block_out_channels": [16, 16, 32, 32], "layers_per_block": 1, "norm_num_groups": 8}
@@ -72,10 +76,11 @@ def make_arch(scale: str, res: int):
 
 
 def make_cfg(scale: str, batch: int, **options):
+    """recipes/sd-vae-ft.yaml's train.ema at ``batch`` (+ ``options``), as TrainPhaseParams."""
     from vaeft.config import TrainPhaseParams
 
     _, train = recipe()
-    train = {**train, "batch_size": batch, "precision": "fp32", **options}
+    train = {**train, "batch_size": batch, **options}
     train["gan"] = {**train["gan"], **GAN_OVERRIDES.get(scale, {})}
     return TrainPhaseParams(**train)
 
@@ -112,7 +117,9 @@ def build_vaeft(cfg, arch, device: torch.device, seed: int, variant: Variant | N
     from vaeft.model.build import build_autoencoder
     from vaeft.train.step import TrainStep
 
-    loss_fn = ReconstructionLoss(cfg.loss, lpips_module("vaeft", cfg.loss.lpips_net)).to(device)
+    lp = lpips_module("vaeft", cfg.loss.lpips_net)
+    lp.backbone_dtype = torch.bfloat16 if cfg.precision == "bf16" else None  # as engine.build_loss
+    loss_fn = ReconstructionLoss(cfg.loss, lp).to(device)
     torch.manual_seed(seed)
     vae = build_autoencoder(arch)
     cls = _cached_moments_class() if variant is not None and variant.cached_moments else TrainStep
@@ -153,51 +160,34 @@ def _cached_moments_class():
     return _Cached
 
 
-class _Bf16Backbone(torch.nn.Module):
-    """LPIPS's VGG/AlexNet convs under bf16 autocast; features back in fp32 for the eps-safe norm."""
-
-    def __init__(self, net: torch.nn.Module) -> None:
-        super().__init__()
-        self.net = net
-
-    def forward(self, x):
-        with torch.autocast(x.device.type, dtype=torch.bfloat16):
-            outs = self.net(x)
-        return type(outs)(*[o.float() for o in outs])
-
-
 @dataclass
 class Variant:
     """One lever: config changes for TrainStep, and/or a change applied to the built step."""
 
     name: str
     cfg: dict = field(default_factory=dict)
-    lpips_bf16: bool = False
+    # The LPIPS backbone in the other dtype than the engine picks for the config (bf16 <-> fp32).
+    lpips_flip: bool = False
     compile_lpips: bool = False
     classic_attention: bool = False
     cached_moments: bool = False
-    compile_mode: str | None = None  # torch.compile mode for the decoder, e.g. reduce-overhead
     ldm_backward: bool = False  # the adaptive weight LDM's way: LPIPS and D backward twice
-    # The whole decoder as one graph (the engine compiles it block by block, see
-    # vaeft.train.step.compile_decoder).
-    compile_whole: bool = False
     note: str = ""
+    # No "whole decoder as one graph" / CUDA-graph levers: they pull conv_out into the compiled
+    # graph, whose backward then runs whole for the adaptive weight's autograd.grad at conv_out
+    # (see vaeft.train.step.compile_decoder), so they measure a different step, not a lever.
 
     def apply(self, step) -> None:
         step.grad_at_output = not self.ldm_backward
         lp = step.loss_fn.lpips
-        if self.lpips_bf16:
-            lp.model.net = _Bf16Backbone(lp.model.net)
+        if self.lpips_flip:
+            lp.backbone_dtype = None if lp.backbone_dtype is not None else torch.bfloat16
         if self.compile_lpips:
             lp.model.net.compile()
         if self.classic_attention:
             from diffusers.models.attention_processor import AttnProcessor
 
             step.vae.set_attn_processor(AttnProcessor())
-        if self.compile_mode is not None:
-            step.vae.decoder.compile(mode=self.compile_mode)
-        if self.compile_whole:
-            step.vae.decoder.compile()
 
 
 # ------------------------------------------------------------------------------------ naive side
@@ -389,36 +379,33 @@ def cpu_memory_probe(kind: str, cfg, arch, seed: int, res: int, batch: int, step
 # ----------------------------------------------------------------------------------------- levers
 
 
-def lever_variants(device: torch.device, with_compile: bool) -> list[Variant]:
+def lever_variants(device: torch.device, with_compile: bool, base) -> list[Variant]:
+    """Each lever changes one thing of ``base`` (the recipe's configuration as the vaeft side runs it)."""
+    from vaeft.train.step import compiles
+
+    other_precision = "fp32" if base.precision != "fp32" else "bf16"
+    lpips_now = "bf16" if base.precision == "bf16" else "fp32"
     levers = [
-        Variant("channels_last", {"channels_last": True}, note="engine option channels_last"),
-        Variant("adam foreach", {"adam_impl": "foreach"}, note="engine option adam_impl (default fused)"),
-        Variant("adam for-loop", {"adam_impl": "for-loop"}, note="engine option adam_impl (default fused)"),
-        Variant("bf16 autocast", {"precision": "bf16"}, note="engine option precision"),
-        Variant("LPIPS backbone in bf16", lpips_bf16=True, note="bench variant"),
+        Variant(f"channels_last {'off' if base.channels_last else 'on'}", {"channels_last": not base.channels_last},
+                note="engine option channels_last"),
+        Variant("adam foreach", {"adam_impl": "foreach"}, note="engine option adam_impl (recipe: fused)"),
+        Variant("adam for-loop", {"adam_impl": "for-loop"}, note="engine option adam_impl (recipe: fused)"),
+        Variant(f"precision {other_precision}", {"precision": other_precision}, note="engine option precision"),
+        Variant(f"LPIPS backbone {'fp32' if lpips_now == 'bf16' else 'bf16'}", lpips_flip=True,
+                note=f"bench variant (the engine runs it in {lpips_now} for precision {base.precision})"),
         Variant("cached posterior moments", cached_moments=True, note="bench variant: encoder skipped"),
         Variant("attention without SDPA", classic_attention=True,
                 note="diffusers AttnProcessor instead of the default AttnProcessor2_0 (SDPA)"),
         Variant("LDM's double LPIPS/D backward", ldm_backward=True,
                 note="TrainStep.grad_at_output off: the default back-propagates from x̂ once"),
     ]
-    if device.type == "cuda":
-        levers += [
-            Variant("bf16 + channels_last", {"precision": "bf16", "channels_last": True}),
-        ]
     if with_compile:
+        on = compiles(base.compile, device)
         levers += [
-            Variant("compile decoder", {"compile": True}, note="engine option compile: block by block, conv_out eager"),
-            Variant("compile whole decoder", compile_whole=True, note="bench variant: one graph, conv_out inside"),
+            Variant("compile off" if on else "compile decoder blocks + encoder", {"compile": not on},
+                    note="engine option compile (recipe: cuda)"),
             Variant("compile LPIPS backbone", compile_lpips=True, note="bench variant"),
         ]
-        if device.type == "cuda":
-            levers += [
-                Variant("bf16 + channels_last + compile (decoder, LPIPS)",
-                        {"precision": "bf16", "channels_last": True, "compile": True}, compile_lpips=True),
-                Variant("CUDA graphs (decoder compile reduce-overhead)", {"precision": "bf16", "channels_last": True},
-                        compile_mode="reduce-overhead", note="bench variant, untested"),
-            ]
     return levers
 
 
@@ -430,8 +417,9 @@ def lpips_bf16_difference(cfg, device: torch.device, x_u8: torch.Tensor) -> floa
     # A plausible reconstruction error: a little blur and noise.
     y = torch.nn.functional.avg_pool2d(x, 3, 1, 1) + 0.05 * torch.randn(x.shape, generator=gen).to(device)
     with torch.no_grad():
+        lp.backbone_dtype = None
         ref = lp(x, y).flatten()
-        lp.model.net = _Bf16Backbone(lp.model.net)
+        lp.backbone_dtype = torch.bfloat16
         low = lp(x, y).flatten()
     return float(((low - ref).abs() / ref.abs().clamp_min(1e-12)).max())
 
@@ -445,7 +433,11 @@ def paired(base: Side, other: Side) -> tuple[float, float, float]:
 
 def run_levers(args, cfg, arch, device, x_u8) -> None:
     print()
-    print(f"levers: each vs vaeft's default config (fp32, NCHW, no compile, fused Adam), "
+    from vaeft.train.step import compiles
+
+    print(f"levers: each vs the recipe's configuration as run here (precision {cfg.precision}, channels_last "
+          f"{cfg.channels_last}, compile {cfg.compile} -> {'on' if compiles(cfg.compile, device) else 'off'} on "
+          f"{device.type}, adam {cfg.adam_impl}), "
           f"{args.warmup} warm-up + {args.lever_steps} interleaved steps each; speed-up = median over "
           f"step pairs of (default step time / lever step time), [min, max] over pairs")
     base = make_side("vaeft", cfg, arch, device, args.seed, x_u8)
@@ -454,9 +446,9 @@ def run_levers(args, cfg, arch, device, x_u8) -> None:
     print(f"{'lever':<46} {'base img/s':>10} {'lever img/s':>11} {'speed-up':>8} {'[min, max]':>14} "
           f"{'GFLOP/img':>9} {'first step s':>12} {'step-0 loss rel diff':>20}" + ("  peak MiB" if mem_col else "")
           + "  note")
-    print(f"{'(vaeft default)':<46} {'':>10} {'':>11} {'':>8} {'':>14} {base.flops / args.batch / 1e9:9.6g} "
+    print(f"{'(recipe config)':<46} {'':>10} {'':>11} {'':>8} {'':>14} {base.flops / args.batch / 1e9:9.6g} "
           f"{base.warmup_s[0]:12.2f} {0.0:20.2e}" + (f"  {base.peak_mib:8.0f}" if mem_col else ""))
-    variants = lever_variants(device, args.compile_levers)
+    variants = lever_variants(device, args.compile_levers, cfg)
     if args.only:
         wanted = [w.strip() for w in args.only.split(",")]
         variants = [v for v in variants if any(w in v.name for w in wanted)]
@@ -465,7 +457,7 @@ def run_levers(args, cfg, arch, device, x_u8) -> None:
         try:
             side = make_side("vaeft", cfg, arch, device, args.seed, x_u8, v)
             # FlopCounterMode cannot look inside compiled graphs.
-            compiled = v.compile_lpips or v.compile_whole or v.compile_mode or v.cfg.get("compile")
+            compiled = v.compile_lpips or compiles(side.obj.cfg.compile, device)
             warm_up(side, args.warmup, device, flops=not compiled)
             interleave(base, side, args.lever_steps, device)
         except Exception as err:  # noqa: BLE001 - one failing lever must not hide the others
@@ -475,7 +467,7 @@ def run_levers(args, cfg, arch, device, x_u8) -> None:
         med, lo, hi = paired(base, side)
         rel = abs(side.first_loss - base.first_loss) / max(abs(base.first_loss), 1e-12)
         note = v.note
-        if v.lpips_bf16:
+        if v.lpips_flip:
             note += f"; per-image LPIPS bf16 vs fp32 max rel diff {lpips_bf16_difference(cfg, device, x_u8):.2e}"
         mem = f"  {side.peak_mib:8.0f}" if mem_col else ""
         print(f"lever {v.name:<40} {b:10.2f} {s_:11.2f} {med:7.2f}x [{lo:5.2f}, {hi:5.2f}] "
@@ -556,12 +548,13 @@ def parse_args(argv=None):
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None,
-                    help="vaeft side; default bf16 on CUDA (the recipe's), fp32 on CPU")
+                    help="vaeft side; default the recipe's on CUDA (bf16), fp32 on CPU")
     ap.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
-                    help="vaeft side; default on for CUDA, off for CPU")
-    ap.add_argument("--adam-impl", choices=["fused", "foreach", "for-loop"], default="fused",
-                    help="vaeft side (engine option adam_impl, default fused)")
-    ap.add_argument("--compile", action="store_true", help="vaeft side: torch.compile the decoder (engine option)")
+                    help="vaeft side; default the recipe's (off)")
+    ap.add_argument("--adam-impl", choices=["fused", "foreach", "for-loop"], default=None,
+                    help="vaeft side; default the recipe's (fused)")
+    ap.add_argument("--compile", choices=["recipe", "on", "off"], default="recipe",
+                    help="vaeft side: the engine option compile; recipe: its 'cuda' (on GPUs only)")
     ap.add_argument("--levers", action="store_true", help="the lever table instead of the naive comparison")
     ap.add_argument("--update-costs", action="store_true",
                     help="only time Adam (each implementation) and the EMA on the SD decoder's parameters")
@@ -590,15 +583,20 @@ def parse_args(argv=None):
     if args.compile_levers is None:
         args.compile_levers = device.type == "cuda" and not args.smoke  # compiling takes minutes
     cuda = device.type == "cuda"
-    args.precision = args.precision or ("bf16" if cuda else "fp32")
-    args.channels_last = cuda if args.channels_last is None else args.channels_last
+    _, train = recipe()
+    args.precision = args.precision or (train.get("precision", "fp32") if cuda else "fp32")
+    args.channels_last = train.get("channels_last", False) if args.channels_last is None else args.channels_last
+    args.adam_impl = args.adam_impl or train.get("adam_impl", "fused")
+    args.compile = {"recipe": train.get("compile", False), "on": True, "off": False}[args.compile]
     return args, device
 
 
 def main(argv=None) -> None:
     args, device = parse_args(argv)
     with contextlib.ExitStack() as stack:
-        if (args.compile or args.compile_levers) and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+        from vaeft.train.step import compiles
+
+        if (compiles(args.compile, device) or args.compile_levers) and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
             # A fresh inductor cache: first-step times are then cold compile times, as on a new
             # machine. Removed at exit, like the weight store: nothing of a run stays in the temp dir.
             cache = stack.enter_context(tempfile.TemporaryDirectory(prefix="vaeft-bench-inductor-"))
@@ -606,6 +604,9 @@ def main(argv=None) -> None:
             os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
         # Written before any fork: the memory probes' children read it.
         stack.enter_context(common.random_weight_store(args.weights_dir))
+        from vaeft.train.determinism import deterministic_mode
+
+        stack.enter_context(deterministic_mode(False))  # cuDNN autotuning, as the engine runs a phase
         run(args, device)
 
 
@@ -614,7 +615,7 @@ def run(args, device: torch.device) -> None:
         torch.set_num_threads(args.threads)
     common.ensure_torchvision()
     arch = make_arch(args.scale_name, args.res)
-    base_cfg = make_cfg(args.scale_name, args.batch)
+    base_cfg = make_cfg(args.scale_name, args.batch)  # the naive side takes its hyper-parameters only
     vaeft_cfg = base_cfg.model_copy(update={"precision": args.precision, "channels_last": args.channels_last,
                                             "adam_impl": args.adam_impl, "compile": args.compile})
     preload()
@@ -640,24 +641,27 @@ def run(args, device: torch.device) -> None:
     x_u8 = torch.from_numpy(common.photo_batch(args.batch, args.res)).to(device)
 
     if args.levers:
-        run_levers(args, base_cfg, arch, device, x_u8)
+        run_levers(args, vaeft_cfg, arch, device, x_u8)
         return
     compare(args, device, arch, base_cfg, vaeft_cfg, x_u8, cpu_mem)
     if args.smoke:
-        run_levers(args, base_cfg, arch, device, x_u8)
+        run_levers(args, vaeft_cfg, arch, device, x_u8)
 
 
 def compare(args, device, arch, base_cfg, vaeft_cfg, x_u8, cpu_mem) -> None:
+    from vaeft.train.step import compiles
 
     print("naive: eager fp32 diffusers AutoencoderKL, encoder under no_grad, lpips package, "
           "AdamW(foreach=False, fused=False), EMA per parameter")
     print(f"vaeft: vaeft.train.step.TrainStep (the engine's step), precision {args.precision}, channels_last "
-          f"{args.channels_last}, adam_impl {args.adam_impl}, compile {args.compile}")
+          f"{args.channels_last}, adam_impl {args.adam_impl}, compile {args.compile} -> "
+          f"{'on' if compiles(vaeft_cfg.compile, device) else 'off'}; the recipe's config unless overridden")
     naive = make_side("naive", base_cfg, arch, device, args.seed, x_u8)
     warm_up(naive, args.warmup, device, flops=not args.no_flops)
     ours = make_side("vaeft", vaeft_cfg, arch, device, args.seed, x_u8)
     # FlopCounterMode cannot see inside compiled graphs: a compiled side uses the naive count.
-    warm_up(ours, args.warmup, device, flops=not (args.no_flops or args.compile))
+    compiled = compiles(vaeft_cfg.compile, device)
+    warm_up(ours, args.warmup, device, flops=not (args.no_flops or compiled))
     n_dec = sum(p.numel() for p in ours.obj.named.values()) / 1e6
     print(f"trainable decoder side: {n_dec:.2f} M parameters; warm-up {args.warmup} steps each "
           f"(first step naive {naive.warmup_s[0]:.2f} s, vaeft {ours.warmup_s[0]:.2f} s; the last one counts "

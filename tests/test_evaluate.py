@@ -8,13 +8,14 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from skimage import data as skdata
 from skimage.metrics import peak_signal_noise_ratio
 
 from vaeft.data.evalset import resize_center_crop
 from vaeft.evaluate.report import DETAIL_FILE, GRID_FILE, PER_IMAGE_FILE, TABLE_FILE, evaluate_models
-from vaeft.metrics.psnr import psnr
+from vaeft.metrics.psnr import psnr, psnr_torch
 from vaeft.metrics.summary import mean_std
 
 
@@ -41,6 +42,9 @@ def test_psnr_batch_is_per_image_and_identical_is_inf():
     assert np.isinf(batch[1])
     with pytest.raises(ValueError, match="shape mismatch"):
         psnr(a, a[:32])
+    # The stage's on-device version: the same values to float rounding, inf for identical images.
+    t = psnr_torch(*(torch.from_numpy(np.stack(v)).permute(0, 3, 1, 2) for v in ([a, a], [b, a]))).numpy()
+    assert t[0] == pytest.approx(batch[0], rel=1e-12) and np.isinf(t[1])
     assert mean_std(np.array([1.0, 3.0])) == (2.0, 1.0)
 
 

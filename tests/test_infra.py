@@ -716,7 +716,8 @@ def test_dockerignore_lets_only_the_copied_files_through():
 # scripts
 
 
-SCRIPTS = [INFRA / "pools.sh", INFRA / "k8s" / "train-node.sh"]
+SCRIPTS = [INFRA / "pools.sh", INFRA / "k8s" / "train-node.sh", ROOT / "bench" / "gpu.sh",
+           ROOT / "scripts" / "gpu-wheels.sh"]
 
 
 @pytest.mark.parametrize("path", SCRIPTS, ids=rel)

@@ -235,3 +235,28 @@ def test_ctrl_c_checkpoints_at_the_interrupt_and_the_same_command_resumes(tmp_pa
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"resuming ema from step {step}" in resumed.stderr
     assert len(log.read_text().splitlines()) == 1 + 24
+
+
+def test_deferred_checks_stop_within_log_every_steps(tmp_path, curated, base_model):
+    """The step's flags are read at log steps only (no wait for the device per step): an explosion
+    at step k is still named as step k, and the run stops by the next log step, with no
+    checkpoint written after it."""
+    k, log_every = 4, 4  # 0-based: the 5th step; judged at step 8
+    raw = tiny_params_dict()
+    raw["train"]["ema"].update(steps=16, log_every=log_every, checkpoint_every=100, grad_clip=None)
+    params = parse_params(raw)
+    calls = {"n": 0}
+
+    def huge_lr(opt, args, kwargs):
+        calls["n"] += 1
+        opt.param_groups[0]["lr"] = 1e30 if calls["n"] == k + 1 else params.train.ema.lr
+
+    handle = register_optimizer_step_pre_hook(huge_lr)
+    try:
+        with pytest.raises(DivergedError) as err:
+            train_phase("ema", params, curated, tmp_path / "out", init=base_model, state_root=tmp_path / "state")
+    finally:
+        handle.remove()
+    assert f"diverged at step {k + 1} (" in str(err.value)
+    assert k + 1 < calls["n"] <= (k // log_every + 1) * log_every
+    assert not list((tmp_path / "state").rglob("step-*.pt")) and not (tmp_path / "out").exists()

@@ -272,8 +272,10 @@ class TrainPhaseParams(_Strict):
     # Autocast dtype; weights, optimizer state and EMA stay fp32. fp16 adds a GradScaler.
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     gradient_checkpointing: bool = False
-    # torch.compile the decoder block by block (conv_out stays eager for the adaptive weight).
-    compile: bool = False
+    # torch.compile the decoder block by block (conv_out stays eager for the adaptive weight) and,
+    # when only the decoder trains, the frozen encoder; "cuda": only when training on a GPU (the
+    # recipes: on CPU compiling costs more than it saves at test scale).
+    compile: bool | Literal["cuda"] = False
     channels_last: bool = False
     # Adam's implementation (the same maths, different rounding): "fused" runs one kernel over all
     # parameters; torch's own default is "foreach" on CUDA and "for-loop" on CPU. fused: 97 ms

@@ -5,8 +5,9 @@ Outputs: a short metrics JSON (DVC metrics): per model only the headline numbers
 its spread and the reasons a metric is unavailable (``metrics.json``), a markdown table in the
 model cards' format, a per-image CSV and a comparison grid PNG.
 
-Images are streamed in batches: per model, each batch is read, reconstructed, scored and
-dropped; only per-image scalars, running FID sums and the few grid rows are kept.
+Images are streamed in batches: each batch is read once, reconstructed and scored by every model
+and dropped; only per-image scalars, running FID sums (on the device) and the few grid rows are
+kept.
 """
 
 from __future__ import annotations
@@ -56,25 +57,35 @@ def _autocast(device: torch.device, bf16: bool):
 
 
 @torch.no_grad()
+def reconstruct_tensor(vae, x_u8: torch.Tensor, bf16: bool = False) -> torch.Tensor:
+    """uint8 N x 3 x H x W (on the model's device) -> reconstructed uint8 N x 3 x H x W there,
+    decoding the posterior mean (deterministic)."""
+    x = x_u8.float() / 127.5 - 1.0
+    with _autocast(x.device, bf16):
+        x_hat = vae.decode(vae.encode(x).latent_dist.mode()).sample
+    return ((x_hat.float().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
+
+
+@torch.no_grad()
 def reconstruct_batch(vae, images: np.ndarray, device: torch.device, bf16: bool = False) -> np.ndarray:
     """uint8 NHWC -> reconstructed uint8 NHWC, decoding the posterior mean (deterministic)."""
-    x = torch.from_numpy(np.ascontiguousarray(images)).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-    with _autocast(device, bf16):
-        x_hat = vae.decode(vae.encode(x).latent_dist.mode()).sample
-    u8 = ((x_hat.float().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
-    return u8.permute(0, 2, 3, 1).cpu().numpy()
+    x = torch.from_numpy(np.ascontiguousarray(images)).to(device).permute(0, 3, 1, 2)
+    return reconstruct_tensor(vae, x, bf16).permute(0, 2, 3, 1).cpu().numpy()
 
 
-def score_batch(vae, pair: PairMetrics, batch: np.ndarray, device: torch.device, bf16: bool, acc: Accumulator,
-                ref_stats: RunningStats | None) -> np.ndarray:
-    """Reconstruct one uint8 NHWC batch and add its per-image metrics and Inception features to
-    ``acc``; with ``ref_stats`` also the originals' features (once per eval set, not per model).
-    The evaluate stage's unit of work (``bench/eval_throughput.py`` times it). Returns the
-    reconstructions."""
-    recon = reconstruct_batch(vae, batch, device, bf16)
-    acc.add(pair.per_image(batch, recon), pair.features(recon))
+def score_batch(vae, pair: PairMetrics, batch: np.ndarray | torch.Tensor, device: torch.device, bf16: bool,
+                acc: Accumulator, ref_stats: RunningStats | None) -> torch.Tensor:
+    """Reconstruct one uint8 batch (NHWC array, or N x 3 x H x W tensor on ``device``: upload it
+    once for several models) and add its per-image metrics and Inception features to ``acc``;
+    with ``ref_stats`` also the originals' features (once per eval set, not per model). Values
+    stay on the device. The evaluate stage's unit of work (``bench/eval_throughput.py`` times it).
+    Returns the reconstructions, uint8 N x 3 x H x W on the device."""
+    x = batch if isinstance(batch, torch.Tensor) else \
+        torch.from_numpy(np.ascontiguousarray(batch)).to(device).permute(0, 3, 1, 2)
+    recon = reconstruct_tensor(vae, x, bf16)
+    acc.add(pair.per_image_tensors(x, recon), pair.features(recon))
     if ref_stats is not None:
-        f = pair.features(batch)
+        f = pair.features(x)
         if f is not None:
             ref_stats.update(f)
     return recon
@@ -205,28 +216,32 @@ def evaluate_models(
         console.print(f"  [yellow]{key}: unavailable ({u.describe()})[/]")
     ref_stats = RunningStats()
     grid_orig: list[np.ndarray] = []
-    grid_recons: dict[str, list[np.ndarray]] = {}
     summaries: dict[str, Summary] = {}
     per_image: dict[str, dict[str, np.ndarray]] = {}
+    # Every model on each batch as it is read: the images are decoded from their files and sent
+    # to the device once for all models (the stage evaluates several), not once per model.
+    vaes = {name: load_autoencoder(path).to(device).eval() for name, path in models.items()}
+    accs = {name: Accumulator(pair.per_image_names) for name in models}
+    grid_recons = {name: [] for name in models}
     with progress() as bar:
         task = bar.add_task("evaluate", total=len(models) * len(items), info="")
-        for m_idx, (name, path) in enumerate(models.items()):
-            bar.update(task, info=name)
-            vae = load_autoencoder(path).to(device).eval()
-            acc = Accumulator(pair.per_image_names)
-            grid_recons[name] = []
-            seen = 0
-            for _, batch in iter_batches(items, params.image_size, params.batch_size):
-                recon = score_batch(vae, pair, batch, device, params.bf16_autocast, acc,
+        seen = 0
+        for _, batch in iter_batches(items, params.image_size, params.batch_size):
+            x = torch.from_numpy(np.ascontiguousarray(batch)).to(device).permute(0, 3, 1, 2)
+            keep = max(0, params.grid_rows - seen)
+            for m_idx, (name, vae) in enumerate(vaes.items()):
+                bar.update(task, info=name)
+                recon = score_batch(vae, pair, x, device, params.bf16_autocast, accs[name],
                                     ref_stats if m_idx == 0 else None)
-                if m_idx == 0:
-                    grid_orig.extend(batch[: max(0, params.grid_rows - seen)])
-                grid_recons[name].extend(recon[: max(0, params.grid_rows - seen)])
-                seen += len(batch)
+                if keep:
+                    grid_recons[name].extend(recon[:keep].permute(0, 2, 3, 1).cpu().numpy())
                 bar.update(task, advance=len(batch))
-            del vae
-            summaries[name] = acc.summary(pair, ref_stats if pair.inception is not None else None)
-            per_image[name] = acc.arrays()
+            grid_orig.extend(batch[:keep])
+            seen += len(batch)
+    del vaes
+    for name, acc in accs.items():
+        summaries[name] = acc.summary(pair, ref_stats if pair.inception is not None else None)
+        per_image[name] = acc.arrays()
     detail = {name: json_safe(s.as_dict()) for name, s in summaries.items()}
     for name, path in models.items():  # the fp16 phase's record: in the report, not the headline
         if (fp16 := provenance.stage_record(path, "train-fp16", "fp16")) is not None:

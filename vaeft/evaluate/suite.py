@@ -17,7 +17,7 @@ from vaeft.evaluate.availability import Unavailable
 from vaeft.metrics import color
 from vaeft.metrics.fid import InceptionFeatures, RunningStats, fid_from_stats
 from vaeft.metrics.perceptual import LPIPS_NETS, PSIM_DEFINITION, PSIM_LABEL, Perceptual
-from vaeft.metrics.psnr import psnr
+from vaeft.metrics.psnr import psnr_torch
 from vaeft.metrics.ssim import ssim
 from vaeft.metrics.summary import mean_std
 from vaeft.weights import MissingWeightsError, require
@@ -102,22 +102,33 @@ class PairMetrics:
         """Per-image values for uint8 B x H x W x 3 batches of same-shaped images."""
         if ref.shape != test.shape:
             raise ValueError(f"shape mismatch: {ref.shape} vs {test.shape}")
-        r, t = self._tensor(ref), self._tensor(test)
-        out = {"psnr": psnr(ref, test), "ssim": ssim(r, t).cpu().numpy()}
+        out = self.per_image_tensors(self._tensor(ref), self._tensor(test))
+        return {k: v.cpu().numpy() for k, v in out.items()}
+
+    @torch.no_grad()
+    def per_image_tensors(self, r: torch.Tensor, t: torch.Tensor) -> dict[str, torch.Tensor]:
+        """:meth:`per_image` of uint8 B x 3 x H x W tensors on the device, as float64 tensors there
+        (the evaluate stage keeps them there until the end: no host round trip per batch)."""
+        if r.shape != t.shape:
+            raise ValueError(f"shape mismatch: {tuple(r.shape)} vs {tuple(t.shape)}")
+        out = {"psnr": psnr_torch(r, t), "ssim": ssim(r, t)}
         for net, model in self.perceptual.items():
             res = model(r, t)
             if net in self.options.lpips_nets:
-                out[f"lpips_{net}"] = res.lpips.cpu().numpy()
+                out[f"lpips_{net}"] = res.lpips
             if net == "vgg" and self.options.psim:
-                out[PSIM_LABEL] = res.psim_candidate.cpu().numpy()
-        shift = color.channel_shift(r, t).cpu().numpy()
+                out[PSIM_LABEL] = res.psim_candidate
+        shift = color.channel_shift(r, t)
         for i, c in enumerate(color.CHANNELS):
             out[f"shift_{c}"] = shift[:, i]
-        out["saturation_ratio"] = color.saturation_ratio(r, t).cpu().numpy()
-        return {k: np.asarray(v, np.float64) for k, v in out.items()}
+        out["saturation_ratio"] = color.saturation_ratio(r, t)
+        return {k: v.to(torch.float64) for k, v in out.items()}
 
-    def features(self, batch: np.ndarray) -> np.ndarray | None:
-        return None if self.inception is None else self.inception(self._tensor(batch))
+    def features(self, batch: np.ndarray | torch.Tensor) -> torch.Tensor | None:
+        """Inception features (on the device) of uint8 NHWC arrays or N x 3 x H x W device tensors."""
+        if self.inception is None:
+            return None
+        return self.inception(self._tensor(batch) if isinstance(batch, np.ndarray) else batch)
 
 
 class Accumulator:
@@ -125,17 +136,20 @@ class Accumulator:
 
     def __init__(self, names: list[str]) -> None:
         self.names = names
-        self.values: dict[str, list[np.ndarray]] = {n: [] for n in names}
+        self.values: dict[str, list[np.ndarray | torch.Tensor]] = {n: [] for n in names}
         self.test_stats = RunningStats()
 
-    def add(self, per_image: dict[str, np.ndarray], test_features: np.ndarray | None) -> None:
+    def add(self, per_image: dict[str, np.ndarray | torch.Tensor],
+            test_features: np.ndarray | torch.Tensor | None) -> None:
+        """Values stay where they are (device tensors on the device) until :meth:`arrays`."""
         for n in self.names:
             self.values[n].append(per_image[n])
         if test_features is not None:
             self.test_stats.update(test_features)
 
     def arrays(self) -> dict[str, np.ndarray]:
-        return {n: np.concatenate(v) if v else np.zeros(0) for n, v in self.values.items()}
+        return {n: np.concatenate([np.asarray(torch.as_tensor(x).cpu(), np.float64) for x in v]) if v else np.zeros(0)
+                for n, v in self.values.items()}
 
     def summary(self, metrics: PairMetrics, ref_stats: RunningStats | None) -> Summary:
         values: dict[str, float] = {}

@@ -29,9 +29,15 @@ def generator_loss(logits_fake: torch.Tensor) -> torch.Tensor:
 
 
 def gradient_penalty(critic: torch.nn.Module, real: torch.Tensor, fake: torch.Tensor,
-                     generator: torch.Generator | None = None) -> torch.Tensor:
-    """Gulrajani et al.: mean over samples of (‖∇_x̃ D(x̃)‖₂ - 1)², x̃ on random real-fake lines."""
-    alpha = torch.rand(real.shape[0], 1, 1, 1, generator=generator, device="cpu").to(real)
+                     generator: torch.Generator | None = None, rank: int = 0, world_size: int = 1) -> torch.Tensor:
+    """Gulrajani et al.: mean over samples of (‖∇_x̃ D(x̃)‖₂ - 1)², x̃ on random real-fake lines.
+
+    The line positions are drawn on ``generator``'s device for the global batch of ``world_size``
+    ranks, of which this rank takes its slice (N ranks then draw what one rank at N x the batch does).
+    """
+    n = real.shape[0]
+    where = generator.device if generator is not None else real.device
+    alpha = torch.rand(n * world_size, 1, 1, 1, generator=generator, device=where)[rank * n : (rank + 1) * n].to(real)
     mixed = (alpha * real.detach() + (1.0 - alpha) * fake.detach()).requires_grad_(True)
     out = critic(mixed)
     (grad,) = torch.autograd.grad(out.float().sum(), mixed, create_graph=True)

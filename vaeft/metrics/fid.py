@@ -2,7 +2,8 @@
 
 Features come from torch-fidelity's ``inception-v3-compat`` (the TF-2015 port every published
 FID uses) with its weights from the weight store. Statistics are accumulated as running sums in
-float64, so memory stays flat in the number of images (2048x2048 sums, not N x 2048 features).
+float64 on the device, so memory stays flat in the number of images (2048x2048 sums, not N x 2048
+features) and nothing goes to the host per batch.
 """
 
 from __future__ import annotations
@@ -44,6 +45,9 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
 class RunningStats:
     """Mean and (sample, ddof=1, like np.cov) covariance of feature rows, added batch by batch.
 
+    The sums are float64 tensors on the features' device (one d x d product per batch there, no
+    copy to the host); numpy arrays come out once, for the final distance.
+
     While there are no more rows than feature dimensions the rows themselves are kept too (at
     most d x d numbers, the size of the running sums): FID then needs only an n x n SVD instead
     of d x d eigendecompositions (2048^2: seconds to minutes on a small CPU).
@@ -51,19 +55,28 @@ class RunningStats:
 
     def __init__(self) -> None:
         self.n = 0
-        self.sum: np.ndarray | None = None
-        self.outer: np.ndarray | None = None
-        self.rows: list[np.ndarray] | None = []
+        self._sum: torch.Tensor | None = None
+        self._outer: torch.Tensor | None = None
+        self.rows: list[torch.Tensor] | None = []
 
-    def update(self, feats: np.ndarray) -> None:
-        f = np.asarray(feats, np.float64)
-        if self.sum is None:
-            self.sum, self.outer = np.zeros(f.shape[1]), np.zeros((f.shape[1], f.shape[1]))
+    def update(self, feats: np.ndarray | torch.Tensor) -> None:
+        f = torch.as_tensor(feats).to(torch.float64)
+        if self._sum is None:
+            self._sum = f.new_zeros(f.shape[1])
+            self._outer = f.new_zeros((f.shape[1], f.shape[1]))
         self.n += f.shape[0]
-        self.sum += f.sum(axis=0)
-        self.outer += f.T @ f
+        self._sum += f.sum(dim=0)
+        self._outer += f.T @ f
         if self.rows is not None:
             self.rows = self.rows + [f] if self.n <= f.shape[1] else None
+
+    @property
+    def sum(self) -> np.ndarray | None:
+        return None if self._sum is None else self._sum.cpu().numpy()
+
+    @property
+    def outer(self) -> np.ndarray | None:
+        return None if self._outer is None else self._outer.cpu().numpy()
 
     def mean_cov(self) -> tuple[np.ndarray, np.ndarray]:
         if self.n < 2:
@@ -75,7 +88,7 @@ class RunningStats:
     def centred_rows(self) -> np.ndarray | None:
         if self.rows is None or self.n < 2:
             return None
-        f = np.concatenate(self.rows)
+        f = torch.cat(self.rows).cpu().numpy()
         return f - f.mean(axis=0)
 
 
@@ -126,7 +139,7 @@ class InceptionFeatures:
         ).to(self.device)
 
     @torch.no_grad()
-    def __call__(self, images: torch.Tensor) -> np.ndarray:
-        """N x 2048 features of uint8 N x 3 x H x W images (resized to 299 inside, as TF did)."""
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        """N x 2048 features (on the device) of uint8 N x 3 x H x W images (resized to 299 inside, as TF did)."""
         (feats,) = self.model(images.to(self.device))
-        return feats.double().cpu().numpy()
+        return feats

@@ -79,16 +79,23 @@ def build_lpips(net: str, weights_file: str | Path) -> torch.nn.Module:
 
 
 def lpips_distance(model: torch.nn.Module, x0: torch.Tensor, x1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-image (LPIPS, PSIM candidate) of float images in [-1, 1], in fp32 with the eps-safe norm.
+    """Per-image (LPIPS, PSIM candidate) of float images in [-1, 1], fp32, with the eps-safe norm.
 
-    Differentiable in both inputs; callers that only measure wrap it in ``no_grad``.
+    The backbone runs in whatever autocast the caller set (the training loss: bf16, see
+    :class:`vaeft.losses.lpips.LpipsLoss`; the metric: none, fp32); the input scaling, the
+    feature normalisation, the distance and the linear heads always run in fp32, where the small
+    differences of unit vectors keep their digits. Differentiable in both inputs; callers that
+    only measure wrap it in ``no_grad``.
     """
-    with torch.autocast(device_type=x0.device.type, enabled=False):
-        f0, f1 = model.net(model.scaling_layer(x0.float())), model.net(model.scaling_layer(x1.float()))
+    device_type = x0.device.type
+    with torch.autocast(device_type=device_type, enabled=False):
+        s0, s1 = model.scaling_layer(x0.float()), model.scaling_layer(x1.float())
+    f0, f1 = model.net(s0), model.net(s1)
+    with torch.autocast(device_type=device_type, enabled=False):
         lp = x0.new_zeros(x0.shape[0], dtype=torch.float32)
         ps = x0.new_zeros(x0.shape[0], dtype=torch.float32)
         for k in range(model.L):
-            d = (normalize_features(f0[k]) - normalize_features(f1[k])).square()
+            d = (normalize_features(f0[k].float()) - normalize_features(f1[k].float())).square()
             lp = lp + model.lins[k](d).mean(dim=(1, 2, 3))
             ps = ps + d.sum(dim=1).mean(dim=(1, 2))
     return lp, ps

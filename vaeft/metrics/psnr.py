@@ -4,6 +4,7 @@ then mean +- std over images."""
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 
 def psnr(ref: np.ndarray, test: np.ndarray) -> np.ndarray:
@@ -16,3 +17,13 @@ def psnr(ref: np.ndarray, test: np.ndarray) -> np.ndarray:
     mse = np.mean(diff * diff, axis=tuple(range(1, diff.ndim)))
     with np.errstate(divide="ignore"):
         return 10.0 * np.log10(1.0 / mse)
+
+
+def psnr_torch(ref: torch.Tensor, test: torch.Tensor) -> torch.Tensor:
+    """:func:`psnr` of uint8 N x C x H x W tensors, on their device, float64 per image (the squared
+    differences of uint8 values sum exactly there; the result equals the numpy one to rounding)."""
+    if ref.shape != test.shape:
+        raise ValueError(f"shape mismatch: {tuple(ref.shape)} vs {tuple(test.shape)}")
+    diff = ref.to(torch.float64) - test.to(torch.float64)
+    mse = diff.square().flatten(1).mean(dim=1) / 255.0**2
+    return 10.0 * torch.log10(1.0 / mse)

@@ -31,9 +31,17 @@ def requested(param: bool = False) -> bool:
 def deterministic_mode(enabled: bool) -> Iterator[None]:
     """Within the block: deterministic algorithms only (an op without one raises instead of
     silently varying), cuDNN autotuning off, cuBLAS on a fixed workspace. Restored afterwards, so
-    a library caller's process is left as it was."""
+    a library caller's process is left as it was.
+
+    Off: cuDNN autotuning on (the training shapes are static, so its one-off search per conv
+    pays back within a few steps), restored afterwards likewise."""
     if not enabled:
-        yield
+        prev = torch.backends.cudnn.benchmark
+        torch.backends.cudnn.benchmark = True
+        try:
+            yield
+        finally:
+            torch.backends.cudnn.benchmark = prev
         return
     prev_alg = torch.are_deterministic_algorithms_enabled()
     prev_warn = torch.is_deterministic_algorithms_warn_only_enabled()

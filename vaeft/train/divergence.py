@@ -8,6 +8,9 @@ weights whose norm jumped ``WEIGHT_FACTOR`` times the running median (the weight
 first step included), is an explosion. The factors are far outside what a working run does (a
 fine-tune's weight norm moves by a few percent over a whole run; the first steps of a pretrain
 move its loss by less than 10x), so a noisy batch does not stop a run.
+
+The engine feeds the guard in batches (each step's values stay on the device until the next log,
+grid or checkpoint step, then are judged in step order), so nothing waits for the GPU per step.
 """
 
 from __future__ import annotations
@@ -26,10 +29,14 @@ FACTOR = 100.0
 WEIGHT_FACTOR = 10.0
 
 
-def weight_norm(params: list[torch.Tensor]) -> float:
-    """The L2 norm of all ``params`` together, in fp32 (inf/NaN when any weight is)."""
+def weight_norm_tensor(params: list[torch.Tensor]) -> torch.Tensor:
+    """The L2 norm of all ``params`` together, in fp32 (inf/NaN when any weight is), on their device."""
     with torch.no_grad():
-        return float(torch.nn.utils.get_total_norm([p.detach().float() for p in params]))
+        return torch.nn.utils.get_total_norm([p.detach().float() for p in params])
+
+
+def weight_norm(params: list[torch.Tensor]) -> float:
+    return float(weight_norm_tensor(params))
 
 
 class DivergenceGuard:

@@ -39,7 +39,7 @@ from vaeft.train import determinism
 from vaeft.train import distributed as dist_
 from vaeft.train.checkpoint import CheckpointStore, StateError, StateLock, run_config, state_dir
 from vaeft.train.determinism import deterministic_mode
-from vaeft.train.divergence import DivergenceGuard, weight_norm
+from vaeft.train.divergence import DivergenceGuard, weight_norm, weight_norm_tensor
 from vaeft.train.gan import DiscriminatorInitError, base_discriminator, write_discriminator
 from vaeft.train.logs import (
     PERF_COLUMNS,
@@ -52,7 +52,7 @@ from vaeft.train.logs import (
     tensorboard_writer,
     write_curve,
 )
-from vaeft.train.step import TrainStep
+from vaeft.train.step import StepResult, TrainStep, eager
 
 PHASES = ("pretrain", "ema", "mse")
 MAX_CONSECUTIVE_NONFINITE = 20
@@ -145,7 +145,8 @@ def build_loss(cfg: TrainPhaseParams) -> ReconstructionLoss:
     if cfg.loss.lpips > 0:
         from vaeft.losses.lpips import load_lpips_loss
 
-        lpips = load_lpips_loss(cfg.loss.lpips_net)
+        # bf16 phases run LPIPS's backbone in bf16 too (normalisation and distance stay fp32).
+        lpips = load_lpips_loss(cfg.loss.lpips_net, torch.bfloat16 if cfg.precision == "bf16" else None)
     return ReconstructionLoss(cfg.loss, lpips)
 
 
@@ -247,8 +248,15 @@ def _train(phase: str, params: Params, cfg: TrainPhaseParams, ctx: dist_.DistCon
         saved = store.load(readonly=True)
     if saved is not None:
         parts = saved["parts"]
-        runner.load_state_dict(parts["train_step"])
-        noise.set_state(parts["noise_rng"][ctx.rank])
+        try:
+            runner.load_state_dict(parts["train_step"])
+            noise.set_state(parts["noise_rng"][ctx.rank])
+        except RuntimeError as err:
+            # The random streams live on the training device: a CPU run's state does not fit a GPU's.
+            if "rng state" not in str(err).lower() and "generator" not in str(err).lower():
+                raise
+            raise StateError(f"the training state in {store.dir} was saved on another kind of device "
+                             f"({' '.join(str(err).split())[:160]}); resume it there, or pass --fresh") from None
         counters.load_state_dict(parts["progress"])
         if counters.step > cfg.steps:
             raise StateError(f"the training state in {store.dir} is at step {counters.step}, past steps = "
@@ -264,57 +272,62 @@ def _train(phase: str, params: Params, cfg: TrainPhaseParams, ctx: dist_.DistCon
     grids = (ReconstructionGrids(log_file, data_dir, params.augment.crop_size, cfg.image_count)
              if main and log_file is not None and cfg.image_every else None)
     tb = tensorboard_writer(log_file) if main else None
-    consecutive_bad = 0
     guard = DivergenceGuard(weight_norm(runner.g_params))
     # The reconstruction terms, never negative (the total can be: the GAN term, a learned logvar).
     recon_terms = [*loss_fn.terms, *(["lpips"] if loss_fn.lpips is not None else [])]
     last_loss = math.nan
     t0 = time.perf_counter()
     curve_at = 0.0  # when the PNG curve was last drawn (live: at most every CURVE_EVERY_S)
-    t_window, n_window = time.perf_counter(), 0
     acc = cfg.accumulate
+    step_images = cfg.batch_size * acc * ctx.world_size
+    checks = _DeferredChecks(ctx, guard, recon_terms, skipped, main)
+    t_window = time.perf_counter()
     loader = iter(train_batches(data_dir, params.augment, params.seed, cfg.batch_size, counters.micro_batch, cfg.steps * acc,
                                 cfg.num_workers, rank=ctx.rank, world_size=ctx.world_size, crops_dir=crops_dir))
     interrupt = _DeferredInterrupt(not ctx.enabled)
+
+    def settle() -> None:
+        """Judge the steps not judged yet; a diverged or stuck run is rolled back and stops here."""
+        failure = checks.settle()
+        if failure is not None:
+            bad_step, reason, error = failure
+            raise error(_rolled_back(ctx, store, phase, bad_step, reason))
+
     with progress() as bar, interrupt:
         task = bar.add_task(f"train {phase}", total=cfg.steps, completed=start, info="", visible=main)
         for step in range(start, cfg.steps):
             if interrupt.hit:
-                _save_checkpoint(ctx, store, runner, Progress(step, step * acc, skipped, log_rows))
+                settle()
+                _save_checkpoint(ctx, store, runner, Progress(step, step * acc, checks.skipped, log_rows))
                 message = (f"interrupted at step {step} of {cfg.steps}; checkpoint in {store.dir}; "
                            f"run the same command to resume")
                 # Printed here: the CLI framework turns Ctrl-C into a bare exit status 130.
                 console.print(f"[red]{message}[/]")
                 raise TrainingInterrupted(message)
             result = runner(step, loader)
-            logs, grad_norm = result.logs, result.grad_norm
-            norm = weight_norm(runner.g_params)
-            if not result.ok:
-                skipped += 1
-                consecutive_bad += 1
-                if main:
-                    console.print(f"[yellow]step {step + 1}: non-finite loss or gradient, step skipped[/]")
-                reason = guard.check_skipped(norm)
-                if reason is None and consecutive_bad >= MAX_CONSECUTIVE_NONFINITE:
-                    raise NonFiniteError(_rolled_back(ctx, store, phase, step + 1 - consecutive_bad,
-                                                      f"{consecutive_bad} consecutive non-finite steps"))
-            else:
-                reason = guard.check_step(sum(float(logs[k]) for k in recon_terms), float(grad_norm), norm)
-            # Every rank sees the same weights and gradient norm but its own loss: decide together.
-            if not dist_.all_true(ctx, reason is None):
-                raise DivergedError(_rolled_back(ctx, store, phase, step, reason or "on another rank"))
-            if not result.ok:
+            checks.add(step, result, weight_norm_tensor(runner.g_params))
+            done = step + 1
+            log_now = done % cfg.log_every == 0 or done == cfg.steps
+            grid_now = grids is not None and done % cfg.image_every == 0
+            checkpoint_now = done % cfg.checkpoint_every == 0 and done < cfg.steps
+            if not (log_now or grid_now or checkpoint_now):
                 bar.update(task, advance=1)
                 continue
-            consecutive_bad = 0
-            n_window += cfg.batch_size * acc * ctx.world_size
-            done = step + 1
-            if done % cfg.log_every == 0 or done == cfg.steps:
+            # The step's flags are read here only: waiting for the device every step would stall
+            # its queue. No checkpoint is written before the steps it holds were judged.
+            settle()
+            if not checks.last_ok:
+                bar.update(task, advance=1)
+                continue
+            if log_now:
+                logs, grad_norm = result.logs, result.grad_norm
                 last_loss = float(logs["loss"])
                 now = time.perf_counter()
                 row = {"step": done, **{k: float(v) for k, v in logs.items()}, "grad_norm": float(grad_norm),
-                       "lr": cfg.lr, "img_per_s": n_window / max(now - t_window, 1e-9), "mem_mb": memory_mb(device)}
-                t_window, n_window = now, 0
+                       "lr": cfg.lr, "img_per_s": checks.good_since_log * step_images / max(now - t_window, 1e-9),
+                       "mem_mb": memory_mb(device)}
+                t_window = now
+                checks.good_since_log = 0
                 if main:
                     log_rows.append(row)
                     elapsed = time.perf_counter() - t0
@@ -325,11 +338,13 @@ def _train(phase: str, params: Params, cfg: TrainPhaseParams, ctx: dist_.DistCon
                         for k, v in row.items():
                             if k != "step":
                                 tb.add_scalar(f"{phase}/{k}", v, done)
-            if grids is not None and done % cfg.image_every == 0:
-                grids.write(vae, done, device)
+            if grid_now:
+                with eager():  # another batch, no grad: the compiled blocks would recompile
+                    grids.write(vae, done, device)
             bar.update(task, advance=1, info=f"loss {last_loss:.4f}")
-            if done % cfg.checkpoint_every == 0 and done < cfg.steps:
-                _save_checkpoint(ctx, store, runner, Progress(done, done * acc, skipped, log_rows))
+            if checkpoint_now:
+                _save_checkpoint(ctx, store, runner, Progress(done, done * acc, checks.skipped, log_rows))
+    skipped = checks.skipped
 
     if ema is not None and not math.isfinite(weight_norm(list(ema.shadow.values()))):
         raise DivergedError(_rolled_back(ctx, store, phase, cfg.steps, "non-finite EMA weights"))
@@ -359,6 +374,66 @@ def _train(phase: str, params: Params, cfg: TrainPhaseParams, ctx: dist_.DistCon
                       f"{ctx.world_size} replica(s) identical -> {out_dir}")
     dist_.barrier(ctx)
     return TrainResult(phase, out_dir, cfg.steps, start, skipped, last_loss, seconds)
+
+
+class _DeferredChecks:
+    """The per-step checks (skipped steps, the divergence guard) on values read in batches.
+
+    :meth:`add` keeps a step's device tensors; :meth:`settle` reads all kept steps at once and
+    judges them in step order, as if each had been judged when it ran: a NaN or an explosion is
+    caught at the next log, grid or checkpoint step (at most ``log_every`` steps later), and the
+    first bad step is what the rollback names. The ranks agree on the earliest bad step.
+    """
+
+    def __init__(self, ctx: dist_.DistContext, guard: DivergenceGuard, recon_terms: list[str], skipped: int,
+                 main: bool) -> None:
+        self.ctx, self.guard, self.recon_terms, self.main = ctx, guard, recon_terms, main
+        self.skipped, self.consecutive_bad, self.good_since_log = skipped, 0, 0
+        self.last_ok = True
+        self._pending: list[tuple[int, torch.Tensor]] = []
+
+    def add(self, step: int, result: StepResult, weights: torch.Tensor) -> None:
+        loss = sum((result.logs[k].float() for k in self.recon_terms), torch.zeros((), device=weights.device))
+        values = torch.stack([result.finite.float().to(weights.device), loss.to(weights.device),
+                              result.grad_norm.float().to(weights.device), weights.float()])
+        self._pending.append((step, values))
+
+    def settle(self) -> tuple[int, str, type[DivergedError]] | None:
+        """None, or (first bad step, why, the error to raise) once all ranks agree on it."""
+        if not self._pending:
+            return None
+        rows = torch.stack([v for _, v in self._pending]).tolist()
+        steps = [s for s, _ in self._pending]
+        self._pending = []
+        failure: tuple[int, str, type[DivergedError]] | None = None
+        for step, (finite, loss, grad_norm, weights) in zip(steps, rows, strict=True):
+            self.last_ok = bool(finite)
+            if not self.last_ok:
+                self.skipped += 1
+                self.consecutive_bad += 1
+                if self.main:
+                    console.print(f"[yellow]step {step + 1}: non-finite loss or gradient, step skipped[/]")
+                reason = self.guard.check_skipped(weights)
+                if reason is None and self.consecutive_bad >= MAX_CONSECUTIVE_NONFINITE:
+                    first = step + 1 - self.consecutive_bad
+                    failure = (first, f"{self.consecutive_bad} consecutive non-finite steps", NonFiniteError)
+                    break
+            else:
+                self.consecutive_bad = 0
+                self.good_since_log += 1
+                reason = self.guard.check_step(loss, grad_norm, weights)
+            if reason is not None:
+                failure = (step, reason, DivergedError)
+                break
+        # Every rank sees the same weights and gradient norms but its own loss: decide together,
+        # on the earliest step any rank found bad.
+        none = 2**62
+        first_bad = dist_.min_over_ranks(self.ctx, failure[0] if failure is not None else none)
+        if first_bad == none:
+            return None
+        if failure is None or failure[0] != first_bad:
+            return first_bad, "on another rank", DivergedError
+        return failure
 
 
 def _rolled_back(ctx: dist_.DistContext, store: CheckpointStore, phase: str, step: int, reason: str) -> str:

@@ -23,7 +23,8 @@ beta2 0.9 and the counter at 50,001, LDM's first D update is ~1.6x as large as a
 vaeft runs no D forward/backward before ``disc_start`` (it would cost D's compute for nothing)
 and, at D's first step, starts Adam's counter at the number of zero-loss steps LDM would have
 taken (:meth:`GanTrainer.catch_up`), so D's updates are LDM's. (LDM's zero-loss forwards also
-move BatchNorm's running statistics; D always runs in train mode, so they are never used.)
+move BatchNorm's running statistics; D always runs in train mode, so they are never used, and
+ranks do not average them either.)
 """
 
 from __future__ import annotations
@@ -78,13 +79,16 @@ def base_discriminator(init: str | Path | None) -> tuple[dict[str, torch.Tensor]
 
 class GanTrainer:
     def __init__(self, cfg: GanParams, g_lr: float, g_betas: tuple[float, float], device: torch.device,
-                 seed: int, in_channels: int = 3, adam_kwargs: dict | None = None) -> None:
+                 seed: int, in_channels: int = 3, adam_kwargs: dict | None = None,
+                 rank: int = 0, world_size: int = 1) -> None:
         self.cfg = cfg
         self.disc = NLayerDiscriminator(in_channels, cfg.ndf, cfg.n_layers, cfg.norm).to(device).train()
         self.opt = torch.optim.Adam(self.disc.parameters(), lr=cfg.lr or g_lr, betas=cfg.betas or g_betas,
                                     **(adam_kwargs or {}))
-        # The gradient penalty's interpolation points: its own stream, checkpointed for exact resume.
-        self.rng = torch.Generator().manual_seed(seed)
+        # The gradient penalty's interpolation points: its own stream on the device, checkpointed
+        # for exact resume; one stream for all ranks, each taking its slice of the global batch.
+        self.rng = torch.Generator(device=device).manual_seed(seed)
+        self.rank, self.world_size = rank, world_size
 
     def active(self, step: int) -> bool:
         return disc_factor(step, self.cfg.disc_start, self.cfg.disc_factor) > 0
@@ -158,7 +162,7 @@ class GanTrainer:
             loss = hinge_d_loss(logits_real, logits_fake)
         else:
             loss = wgan_d_loss(logits_real, logits_fake)
-            gp = gradient_penalty(self.disc, real, fake, self.rng)
+            gp = gradient_penalty(self.disc, real, fake, self.rng, self.rank, self.world_size)
             logs["gp"] = gp.detach()
             loss = loss + self.cfg.gp_weight * gp
         logs["d_loss"] = loss.detach()
