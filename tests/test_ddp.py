@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import traceback
 
 import torch
 import yaml
@@ -81,11 +82,15 @@ def _rank_main(rank: int, model_dir, init_file: str, out_dir) -> None:
 
     distributed.BUCKET_BYTES = 64 * 1024  # many buckets (the tiny decoder fits one of 25 MiB)
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:
-        torch.save(_one_step(model_dir, rank, 2, 2), out_dir / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+        try:
+            torch.save(_one_step(model_dir, rank, 2, 2), out_dir / f"rank{rank}.pt")
+        finally:
+            dist.destroy_process_group()
+    except BaseException:  # a forked child's stderr is pytest's captured fd: leave the reason for the parent
+        (out_dir / f"rank{rank}.err").write_text(traceback.format_exc())
+        raise
 
 
 def test_two_ranks_at_batch_b_step_as_one_rank_at_2b(tmp_path, base_model):
@@ -106,7 +111,8 @@ def test_two_ranks_at_batch_b_step_as_one_rank_at_2b(tmp_path, base_model):
         torch.set_num_threads(torch_threads)
         for p in procs:
             p.join(timeout=120)
-    assert [p.exitcode for p in procs] == [0, 0]
+    errors = "\n".join(p.read_text() for p in sorted(tmp_path.glob("rank*.err")))
+    assert [p.exitcode for p in procs] == [0, 0], errors[-4000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in reference)  # replicas agree bit for bit
     for key, ref in reference.items():

@@ -158,6 +158,7 @@ def test_one_status_for_the_job_reflects_the_worst_rank(tmp_path, monkeypatch):
     # A user error on any rank fails every retry alike: the job is a user error (exit 2, not retried).
     assert info.value.code == 2
     assert json.loads(status.read_text()) == {"exit_code": 2, "kind": "user", "error": "UsageError",
+                                              "message": "unknown stage 'unknown-stage' (stages: crash)",
                                               "rank": 1, "rank_reports": 2}
     # the ranks' own files went to a private directory that is gone
     assert [p.name for p in tmp_path.iterdir() if "status" in p.name or "rank" in p.name] == ["status.json"]

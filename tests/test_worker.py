@@ -101,7 +101,7 @@ def test_worker_runs_the_local_evaluate_deployment(prefect_harness, tmp_path, cu
     assert not problems, problems
 
     metrics = json.loads((out / "held-out" / "metrics.json").read_text())
-    assert set(metrics) == {"base"} and 5 < metrics["base"]["psnr_mean"] < 60
+    assert set(metrics) == {"base"} and 5 < metrics["base"]["psnr"] < 60
     assert (out / "held-out" / "report" / "eval_table.md").is_file()
     receipt = json.loads((out / "held-out" / "receipt.json").read_text())
     assert receipt["flow_run_id"] == str(run.id)
