@@ -35,8 +35,22 @@ def curate(
                      "replaces the params' sources (repeatable, mixed 1:1)"),
     ] = None,
     force: ForceOpt = False,
+    engine: Annotated[
+        str | None,
+        typer.Option("--engine", envvar="VAEFT_CURATE_ENGINE",
+                     help="where work shards run: local (process pool) or dask; default: data.engine"),
+    ] = None,
+    dask_address: Annotated[
+        str | None,
+        typer.Option("--dask-address", envvar="VAEFT_DASK_ADDRESS",
+                     help="Dask scheduler (tcp://HOST:8786); implies --engine dask; none: a local cluster"),
+    ] = None,
 ) -> None:
-    """Validate, normalise, de-duplicate, mix and split images into a curated store with a manifest."""
+    """Validate, normalise, de-duplicate, mix and split images into a curated store with a manifest.
+
+    The engine and address only change where the work runs, never the output, so the retrain flow
+    passes them through the environment rather than params.yaml (DVC keeps the stage up to date).
+    """
     from vaeft.config import SourceParams
     from vaeft.data.curate import curate as run
 
@@ -51,6 +65,12 @@ def curate(
         data = data.model_copy(update={"sources": sources})
     else:
         _warn_unwatched_sources(params)
+    if engine not in (None, "", "local", "dask"):
+        raise typer.BadParameter(f"{engine!r}: expected local or dask", param_hint="--engine")
+    if dask_address:
+        data = data.model_copy(update={"engine": "dask", "dask_address": dask_address})
+    elif engine:
+        data = data.model_copy(update={"engine": engine, "dask_address": data.dask_address if engine == "dask" else None})
     run(data, out, force=force)
 
 

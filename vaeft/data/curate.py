@@ -19,12 +19,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import multiprocessing
 import os
 import shutil
 from collections import Counter
 from collections.abc import Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,15 +30,18 @@ from typing import Any
 from vaeft import atomic, provenance
 from vaeft.config import DataParams, SourceParams
 from vaeft.console import banner, console, progress
+from vaeft.data.cluster import ClusterError, open_pool
 from vaeft.data.images import ImageLimits, ImageRejected, load_rgb, save_png
 from vaeft.data.manifest import MANIFEST_FILE, ManifestRow, write_manifest
-from vaeft.data.phash import NearDuplicateIndex, phash
+from vaeft.data.dedup import Deduplicator
+from vaeft.data.phash import phash
 from vaeft.data.sources import Item, ReadLimits, Shard, SourceError, iter_items, iter_shards
 from vaeft.errors import VaeftError
 
 REPORT_FILE = "curation_report.json"
 # Bump when per-item processing changes, so stale partial results are not reused.
-_WORK_VERSION = 3  # 2: PNGs no longer embed an ICC profile; 3: safe names, symlink and tar-header reports
+_WORK_VERSION = 4  # 2: PNGs no longer embed an ICC profile; 3: safe names, symlink and tar-header reports;
+# 4: webdataset captions in the records
 
 
 class CurationError(VaeftError):
@@ -143,8 +144,11 @@ def process_item(item: Item, cfg: WorkConfig) -> dict[str, Any]:
         if not target.exists():
             with atomic.atomic_path(target) as tmp:
                 save_png(img, tmp)
-        return {"location": item.location, "reason": "", "sha256": sha, "width": img.width,
-                "height": img.height, "phash": ph}
+        rec = {"location": item.location, "reason": "", "sha256": sha, "width": img.width,
+               "height": img.height, "phash": ph}
+        if item.caption is not None:
+            rec["caption"] = item.caption
+        return rec
     finally:
         img.close()
 
@@ -188,24 +192,22 @@ def _run_shards(params: DataParams, cfg: WorkConfig) -> tuple[list[tuple[int, Sh
     order: list[tuple[int, Shard]] = []
     done = reused = 0
     with progress() as bar:
-        task = bar.add_task("curate", total=None, info="listing sources")
-        pool = None
-        if n_workers > 1:
-            # spawn: the parent may hold threads (progress bar, S3/HTTP clients); fork would copy their locks.
-            pool = ProcessPoolExecutor(n_workers, mp_context=multiprocessing.get_context("spawn"))
-        in_flight: dict[Future[tuple[str, int]], Shard] = {}
+        task = bar.add_task("curate", total=None, info="starting Dask" if params.engine == "dask" else "listing sources")
+        try:
+            pool = open_pool(params.engine, params.dask_address, n_workers, Path(cfg.work))
+        except ClusterError as exc:
+            raise CurationError(str(exc)) from None
+        in_flight: dict[Any, Shard] = {}
 
-        def collect(block: bool) -> None:
+        def collect() -> None:
             nonlocal done
-            if not in_flight:
-                return
-            finished, _ = wait(in_flight, timeout=None if block else 0, return_when=FIRST_COMPLETED)
-            for fut in finished:
+            for fut in pool.wait_first(in_flight):
                 shard = in_flight.pop(fut)
                 _, n = fut.result()
                 done += 1
                 bar.update(task, advance=1, info=f"{shard.source} #{shard.index}: {n} files")
 
+        finished = False
         try:
             for src_idx, shard in _all_shards(params):
                 order.append((src_idx, shard))
@@ -219,16 +221,16 @@ def _run_shards(params: DataParams, cfg: WorkConfig) -> tuple[list[tuple[int, Sh
                     done += 1
                     bar.update(task, advance=1, info=f"{shard.source} #{shard.index}: {n} files")
                     continue
-                # Bounded in-flight work: shards (and their bytes) are never queued without limit.
-                while len(in_flight) >= 2 * n_workers:
-                    collect(block=True)
-                in_flight[pool.submit(process_shard, shard, cfg)] = shard
-                collect(block=False)
+                while len(in_flight) >= pool.slots:
+                    collect()
+                key = f"curate-{shard.source}-{shard.index}-{shard.key}"
+                in_flight[pool.submit(process_shard, shard, cfg, key=key)] = shard
             while in_flight:
-                collect(block=True)
+                collect()
+            finished = True
         finally:
             if pool is not None:
-                pool.shutdown(wait=True, cancel_futures=True)
+                pool.close(cancel=not finished)
     return order, done, reused
 
 
@@ -279,40 +281,21 @@ def curate(params: DataParams, out_dir: str | Path, *, force: bool = False) -> C
     duplicates: list[dict[str, Any]] = []
     candidates: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
     seen = Counter[str]()
-    valid: list[tuple[int, dict[str, Any]]] = []  # (merge position, record) of every decodable image
-    for src_idx, shard in sorted(order, key=lambda t: (t[0], t[1].index)):
-        name = names[src_idx]
-        for rec in _read_records(work, shard):
-            seen[name] += 1
-            if rec["reason"]:
-                rejected.append({"location": rec["location"], "source": name, "reason": rec["reason"],
-                                 "detail": rec["detail"]})
+    with Deduplicator(params.phash_distance, params.dedup_memory_mb * 2**20, work / "dedup") as dedup:
+        for src_idx, shard in sorted(order, key=lambda t: (t[0], t[1].index)):
+            name = names[src_idx]
+            for rec in _read_records(work, shard):
+                seen[name] += 1
+                if rec["reason"]:
+                    rejected.append({"location": rec["location"], "source": name, "reason": rec["reason"],
+                                     "detail": rec["detail"]})
+                else:
+                    dedup.add({**rec, "source": name})
+        for rec, verdict in dedup.results():  # merge order: the manifest keeps the sources' order
+            if verdict is None:
+                candidates[rec["source"]].append(rec)
             else:
-                valid.append((len(valid), {**rec, "source": name}))
-    # De-duplication keeps the best copy of each image: the most pixels first (a thumbnail never
-    # wins over its original), then the first in merge order (sources as listed, then shards and
-    # items in order), which depends on the inputs only, never on which worker made a record.
-    by_sha: dict[str, str] = {}
-    dropped_sha: dict[str, dict[str, Any]] = {}  # a copy of an image that was itself dropped: same verdict
-    near = NearDuplicateIndex(params.phash_distance)
-    kept: list[tuple[int, dict[str, Any]]] = []
-    for pos, rec in sorted(valid, key=lambda t: (-t[1]["width"] * t[1]["height"], t[0])):
-        loc, name = rec["location"], rec["source"]
-        if rec["sha256"] in by_sha:
-            duplicates.append({"location": loc, "source": name, "reason": "exact_duplicate",
-                               "duplicate_of": by_sha[rec["sha256"]]})
-        elif rec["sha256"] in dropped_sha:
-            duplicates.append({"location": loc, "source": name, **dropped_sha[rec["sha256"]]})
-        elif (hit := near.find(rec["phash"])) is not None:
-            verdict = {"reason": "near_duplicate", "duplicate_of": hit[0], "distance": hit[1]}
-            dropped_sha[rec["sha256"]] = verdict
-            duplicates.append({"location": loc, "source": name, **verdict})
-        else:
-            by_sha[rec["sha256"]] = loc
-            near.add(rec["phash"], loc)
-            kept.append((pos, rec))
-    for _pos, rec in sorted(kept, key=lambda t: t[0]):  # the manifest keeps the sources' order
-        candidates[rec["source"]].append(rec)
+                duplicates.append({"location": rec["location"], "source": rec["source"], **verdict})
 
     subsampled: list[dict[str, str]] = []
     if params.balance:
