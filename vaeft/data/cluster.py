@@ -14,6 +14,8 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import shutil
+import tempfile
 import uuid
 from collections.abc import Callable, Iterable
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -68,12 +70,17 @@ class DaskPool:
         from distributed import Client, LocalCluster
 
         self._cluster = None
+        self._scratch: str | None = None
         try:
             if address:
                 self._client = Client(address, timeout="30s")
             else:
+                # Workers' spill space, gone with the cluster (dask's default is a shared folder in /tmp).
+                self._scratch = tempfile.mkdtemp(prefix="vaeft-dask-")
+                # ":0": its HTTP endpoint on a free port, quietly (8787 may belong to another cluster).
                 self._cluster = LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True,
-                                             dashboard_address=None, silence_logs=logging.ERROR)
+                                             dashboard_address=":0", silence_logs=logging.ERROR,
+                                             local_directory=self._scratch)
                 self._client = Client(self._cluster)
         except (OSError, TimeoutError) as exc:
             raise ClusterError(f"cannot reach the Dask scheduler at {address}: {exc}") from None
@@ -116,10 +123,13 @@ class DaskPool:
 
     def close(self, cancel: bool) -> None:
         try:
-            self._client.close()
+            if hasattr(self, "_client"):
+                self._client.close()
         finally:
             if self._cluster is not None:
                 self._cluster.close()
+            if self._scratch is not None:
+                shutil.rmtree(self._scratch, ignore_errors=True)
 
 
 def open_pool(engine: str, address: str | None, n_workers: int, work_dir: Path) -> ShardPool | None:
