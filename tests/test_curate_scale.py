@@ -159,3 +159,12 @@ def test_on_disk_dedup_reaches_the_in_memory_verdicts(tmp_path, distance):
     assert sum(v is None for v in verdicts) < len(recs) * 0.9
     assert {v["reason"] for v in verdicts if v} == {"exact_duplicate", "near_duplicate"}
     assert not list(tmp_path.glob("*.sqlite"))  # the spill file goes with the run
+
+
+def test_curate_reads_its_engine_from_the_environment(tmp_path):
+    from typer.testing import CliRunner
+
+    from vaeft.cli import app
+
+    result = CliRunner().invoke(app, ["curate", "--out", str(tmp_path / "o")], env={"VAEFT_CURATE_ENGINE": "spark"})
+    assert result.exit_code == 2 and "'spark': expected local or dask" in result.output
