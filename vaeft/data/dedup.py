@@ -128,11 +128,15 @@ class Deduplicator:
         assert db is not None
         if self._pending:
             self._flush(first_pos=self._n - len(self._pending))
-        db.execute("CREATE INDEX rec_prio ON rec(pix DESC, pos)")
-        db.execute("CREATE TABLE first(sha BLOB PRIMARY KEY, kind INTEGER, of INTEGER, dist INTEGER) WITHOUT ROWID")
+        # Exact copies first, in one statement: each sha256's best copy (most pixels, then merge
+        # order) represents it; only representatives go through the near-copy search.
+        db.execute("CREATE TABLE grp AS SELECT pos, pix, ph, "
+                   "FIRST_VALUE(pos) OVER (PARTITION BY sha ORDER BY pix DESC, pos) AS rep FROM rec")
+        db.execute("CREATE TABLE reps AS SELECT pos, ph FROM grp WHERE pos = rep ORDER BY pix DESC, pos")
         db.execute("CREATE TABLE near(tbl INTEGER, key INTEGER, rank INTEGER, ph INTEGER, pos INTEGER, "
                    "PRIMARY KEY (tbl, key, rank)) WITHOUT ROWID")
         db.execute("CREATE TABLE verdict(pos INTEGER PRIMARY KEY, kind INTEGER, of INTEGER, dist INTEGER)")
+        db.execute("CREATE TEMP TABLE probe(i INTEGER, tbl INTEGER, key INTEGER)")
         d = self.max_distance
         blocks = bit_blocks(d + 2)
         pairs = list(itertools.combinations(range(len(blocks)), 2)) if d >= 0 else []
@@ -145,38 +149,46 @@ class Deduplicator:
             vals = [block(v, b) for b in blocks]
             return [(t, ((vals[i] << 32) | vals[j]) - _OFFSET) for t, (i, j) in enumerate(pairs)]
 
-        # OR of equalities, not a row-value IN: SQLite 3.40 plans the IN as a full scan.
-        probe = ("SELECT rank, ph, pos FROM near WHERE "
-                 + " OR ".join(["(tbl = ? AND key = ?)"] * len(pairs))) if pairs else ""
         rank = 0
-        # One connection reads the priority order and writes the other tables: SQLite allows
-        # writing tables other than the one a running SELECT walks.
-        for pos, sha, ph in db.execute("SELECT pos, sha, ph FROM rec ORDER BY pix DESC, pos"):
-            got = db.execute("SELECT kind, of, dist FROM first WHERE sha = ?", (sha,)).fetchone()
-            if got is not None:
-                kind, of, dist = got
-                db.execute("INSERT INTO verdict VALUES (?, ?, ?, ?)", (pos, _EXACT if kind == 0 else kind, of, dist))
-                continue
-            value = ph + _OFFSET
-            best = None
+        scan = db.execute("SELECT pos, ph FROM reps ORDER BY rowid")  # rowid order: priority order
+        while batch := scan.fetchmany(_BATCH):
+            # A record's verdict depends on every record kept before it: those of earlier batches
+            # come from the on-disk index in one join, this batch's from a small dict.
+            values = [ph + _OFFSET for _, ph in batch]
+            all_keys = [keys(v) for v in values] if pairs else [[] for _ in values]
+            found: dict[int, list[tuple[int, int, int]]] = {}
             if pairs:
-                k = keys(value)
-                for other_rank, other_ph, other_pos in db.execute(probe, [x for tk in k for x in tk]):
-                    other = other_ph + _OFFSET
+                db.execute("DELETE FROM probe")
+                db.executemany("INSERT INTO probe VALUES (?, ?, ?)",
+                               ((i, t, key) for i, ks in enumerate(all_keys) for t, key in ks))
+                for i, other_rank, other_ph, other_pos in db.execute(
+                        "SELECT p.i, n.rank, n.ph, n.pos FROM probe p JOIN near n ON n.tbl = p.tbl AND n.key = p.key"):
+                    found.setdefault(i, []).append((other_rank, other_ph + _OFFSET, other_pos))
+            local: dict[tuple[int, int], list[tuple[int, int, int]]] = {}
+            near_rows, verdict_rows = [], []
+            for i, ((pos, ph), value, ks) in enumerate(zip(batch, values, all_keys)):
+                cands = found.get(i, []) + [c for k in ks for c in local.get(k, ())]
+                best = None
+                for other_rank, other, other_pos in cands:
                     dist = (value ^ other).bit_count()
                     if dist <= d:
-                        band = next(i for i, b in enumerate(bands) if block(value, b) == block(other, b))
+                        band = next(j for j, b in enumerate(bands) if block(value, b) == block(other, b))
                         cand = (dist, band, other_rank, other_pos)
                         if best is None or cand < best:
                             best = cand
-            if best is not None:
-                db.execute("INSERT INTO first VALUES (?, ?, ?, ?)", (sha, _NEAR, best[3], best[0]))
-                db.execute("INSERT INTO verdict VALUES (?, ?, ?, ?)", (pos, _NEAR, best[3], best[0]))
-            else:
-                db.execute("INSERT INTO first VALUES (?, 0, ?, NULL)", (sha, pos))
-                db.executemany("INSERT INTO near VALUES (?, ?, ?, ?, ?)",
-                               [(t, key, rank, ph, pos) for t, key in (keys(value) if pairs else [])])
+                if best is not None:
+                    verdict_rows.append((pos, _NEAR, best[3], best[0]))
+                    continue
+                for k in ks:
+                    local.setdefault(k, []).append((rank, value, pos))
+                    near_rows.append((k[0], k[1], rank, ph, pos))
                 rank += 1
+            db.executemany("INSERT INTO near VALUES (?, ?, ?, ?, ?)", near_rows)
+            db.executemany("INSERT INTO verdict VALUES (?, ?, ?, ?)", verdict_rows)
+        # Every other copy of a sha256: an exact duplicate of its representative when that was
+        # kept, else the representative's own near-duplicate verdict.
+        db.execute(f"INSERT INTO verdict SELECT g.pos, COALESCE(v.kind, {_EXACT}), COALESCE(v.of, g.rep), v.dist "
+                   "FROM grp g LEFT JOIN verdict v ON v.pos = g.rep WHERE g.pos != g.rep")
 
     def results(self) -> Iterator[tuple[dict[str, Any], dict[str, Any] | None]]:
         """(record, verdict) in merge order; verdict None: kept, else reason, duplicate_of (and distance)."""
