@@ -113,6 +113,10 @@ def test_img2dataset_source_filters_on_laion_columns_and_carries_captions(tmp_pa
     shard = next(iter_shards(sources[1], 256))
     captions = {r["location"].rpartition("::")[2]: r.get("caption") for r in _read_records(_work_dir(params), shard)}
     assert captions["000000004.jpg"] == "caption 4" and captions["000000093.jpg"] is None  # rejected: no record kept
+    # `vaeft curate --source DIR` recognises the layout.
+    from vaeft.cli.stages import _source_kind
+
+    assert _source_kind(i2d) == "img2dataset" and _source_kind(sources[0].path) == "folder"
 
 
 def test_dask_cluster_and_disk_dedup_give_the_same_bytes_as_local_and_resume_each_other(tmp_path, corpus):

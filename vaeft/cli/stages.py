@@ -31,7 +31,7 @@ def curate(
     out: Annotated[Path, typer.Option("--out", "-o", help="curated data directory")] = Path("data/curated"),
     source: Annotated[
         list[str] | None,
-        typer.Option("--source", "-s", help="image folder, .tar shard, table (.parquet/.csv/.jsonl) or s3://bucket/prefix; "
+        typer.Option("--source", "-s", help="image folder, .tar shard, img2dataset output folder, table (.parquet/.csv/.jsonl) or s3://bucket/prefix; "
                      "replaces the params' sources (repeatable, mixed 1:1)"),
     ] = None,
     force: ForceOpt = False,
@@ -87,6 +87,9 @@ def _source_kind(given: str) -> str:
     suffix = Path(given).suffix.lower()
     if suffix == ".tar":
         return "tar"
+    # img2dataset's webdataset output: NNNNN.tar shards, each with its NNNNN.parquet beside it.
+    if Path(given).is_dir() and any(t.with_suffix(".parquet").is_file() for t in Path(given).glob("*.tar")):
+        return "img2dataset"
     return "table" if suffix in (".parquet", ".csv", ".tsv", ".jsonl", ".ndjson") else "folder"
 
 

@@ -8,11 +8,12 @@ Output directory layout::
     OUT/run_info.json             resolved params and versions (when/where/commit: provenance.record_run)
 
 Work happens in two phases. Shards (a tar file, or a chunk of files / table rows / S3 keys)
-are processed in a process pool; each writes its per-item results and normalised PNGs into a
-work directory outside OUT, committed atomically, so an interrupted run resumes where it
-stopped. The merge then reads those small records in a fixed order (source, shard, item) and
-de-duplicates, mixes and splits; nothing decoded is held, so memory grows only with the
-records (~200 bytes per image), never with pixels.
+are processed in a process pool or as Dask tasks (data/cluster.py); each writes its per-item
+results and normalised PNGs into a work directory outside OUT, committed atomically, so an
+interrupted run resumes where it stopped, on either engine. The merge then reads those small
+records in a fixed order (source, shard, item) and de-duplicates (data/dedup.py: in memory up
+to data.dedup_memory_mb, then on disk), mixes and splits; nothing decoded is held, so memory
+grows only with the records, never with pixels.
 """
 
 from __future__ import annotations
@@ -31,9 +32,9 @@ from vaeft import atomic, provenance
 from vaeft.config import DataParams, SourceParams
 from vaeft.console import banner, console, progress
 from vaeft.data.cluster import ClusterError, open_pool
+from vaeft.data.dedup import Deduplicator
 from vaeft.data.images import ImageLimits, ImageRejected, load_rgb, save_png
 from vaeft.data.manifest import MANIFEST_FILE, ManifestRow, write_manifest
-from vaeft.data.dedup import Deduplicator
 from vaeft.data.phash import phash
 from vaeft.data.sources import Item, ReadLimits, Shard, SourceError, iter_items, iter_shards
 from vaeft.errors import VaeftError
