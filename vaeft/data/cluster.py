@@ -67,6 +67,7 @@ class DaskPool:
     GIL for much of their time, so threads in one process would mostly wait for each other)."""
 
     def __init__(self, address: str | None, n_workers: int, work_dir: Path) -> None:
+        import dask
         from distributed import Client, LocalCluster
 
         self._cluster = None
@@ -77,10 +78,12 @@ class DaskPool:
             else:
                 # Workers' spill space, gone with the cluster (dask's default is a shared folder in /tmp).
                 self._scratch = tempfile.mkdtemp(prefix="vaeft-dask-")
+                # temporary-directory too: the nannies' lock files otherwise land in the temp dir.
                 # ":0": its HTTP endpoint on a free port, quietly (8787 may belong to another cluster).
-                self._cluster = LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True,
-                                             dashboard_address=":0", silence_logs=logging.ERROR,
-                                             local_directory=self._scratch)
+                with dask.config.set({"temporary-directory": self._scratch}):
+                    self._cluster = LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True,
+                                                 dashboard_address=":0", silence_logs=logging.ERROR,
+                                                 local_directory=self._scratch)
                 self._client = Client(self._cluster)
         except (OSError, TimeoutError) as exc:
             raise ClusterError(f"cannot reach the Dask scheduler at {address}: {exc}") from None
