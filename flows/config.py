@@ -10,6 +10,7 @@ import shutil
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -36,6 +37,11 @@ class FlowConfig(BaseModel):
     # Training processes per node (torchrun, one per GPU); None: one process, or whatever
     # VAEFT_NPROC_PER_NODE the worker's environment already sets.
     gpus: int | None = Field(default=None, ge=1)
+    # Where the curate stage runs its work shards: "dask" with dask_address (a scheduler, e.g. the
+    # one in infra/k8s/dask-cluster.yaml) or without (a local cluster); None: data.engine. Passed
+    # to the stage through its environment, so switching engines never makes DVC rerun it.
+    curate_engine: Literal["local", "dask"] | None = None
+    dask_address: str | None = Field(default=None, pattern=r"^(tcp|tls)://[A-Za-z0-9_.:\[\]-]+$")
 
     @model_validator(mode="after")
     def _check(self) -> FlowConfig:
@@ -49,6 +55,8 @@ class FlowConfig(BaseModel):
             raise ValueError(f"params_file {self.params_file}: not a file")
         if self.recipe and not (self.repo / RECIPES / f"{self.recipe}.yaml").is_file():
             raise ValueError(f"recipe {self.recipe!r}: no {RECIPES}/{self.recipe}.yaml")
+        if self.dask_address and self.curate_engine == "local":
+            raise ValueError("dask_address needs curate_engine dask (or none)")
         return self
 
     def check_sources(self, params: Params) -> None:
@@ -59,10 +67,16 @@ class FlowConfig(BaseModel):
                 raise ParamsError(f"data source {src.name!r}: folder {src.path} does not exist")
 
     def stage_env(self) -> dict[str, str]:
-        """Environment for the stage commands: the torchrun launch variables (vaeft.train.launch)."""
+        """Environment for the stage commands: the torchrun launch variables (vaeft.train.launch)
+        and the curate stage's engine (read by `vaeft curate`'s --engine / --dask-address)."""
         from vaeft.train.launch import NPROC_ENV
 
-        return {NPROC_ENV: str(self.gpus)} if self.gpus is not None else {}
+        env = {NPROC_ENV: str(self.gpus)} if self.gpus is not None else {}
+        if self.dask_address:
+            env.update(VAEFT_CURATE_ENGINE="dask", VAEFT_DASK_ADDRESS=self.dask_address)
+        elif self.curate_engine:
+            env["VAEFT_CURATE_ENGINE"] = self.curate_engine
+        return env
 
     def source_params(self) -> Path:
         if self.recipe:

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image, ImageFile
 
 from vaeft.config import DataParams, SourceParams
-from vaeft.data.curate import REPORT_FILE, CurationError, curate, split_of
+from vaeft.data.curate import REPORT_FILE, CurationError, assign_splits, curate
 from vaeft.data.images import ImageLimits, ImageRejected, load_rgb
 from vaeft.data.manifest import MANIFEST_FILE, read_manifest
 from vaeft.data.shards import ShardStore
@@ -38,7 +38,8 @@ def test_embedded_source_is_curated_and_split(curated):
         assert (img.format, img.mode) in ({("JPEG", "RGB"), ("JPEG", "L")} if r.format == "jpeg" else {("PNG", "RGB")})
         if r.format == "jpeg":
             assert hashlib.sha256(data).hexdigest() == r.sha256  # the original file, byte for byte
-        assert r.split == split_of(r.sha256, 0.25)
+    assert [r.split for r in rows] == assign_splits([r.sha256 for r in rows], 0.25)
+    assert sum(r.split == "eval" for r in rows) == int(0.25 * len(rows) + 0.5)  # half up
 
 
 def test_curate_is_byte_identical_on_rerun(tmp_path, curated, tiny_params):
@@ -46,12 +47,17 @@ def test_curate_is_byte_identical_on_rerun(tmp_path, curated, tiny_params):
     assert (tmp_path / "again" / MANIFEST_FILE).read_bytes() == (curated / MANIFEST_FILE).read_bytes()
 
 
-def test_split_is_stable_per_image():
+def test_split_is_exact_in_count_and_stable_per_image():
     hashes = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(2000)]
-    splits = [split_of(h, 0.25) for h in hashes]
-    assert 0.2 < splits.count("eval") / len(splits) < 0.3
-    # Deciding per image means a bigger corpus never moves an existing image.
-    assert [split_of(h, 0.25) for h in hashes[:500]] == splits[:500]
+    # A small folder gets its share, not a coin toss per image (17 at 0.25 gave 8 eval before).
+    for n, fraction, n_eval in ((17, 0.25, 4), (2, 0.05, 1), (3, 0.9, 2), (2000, 0.25, 500)):
+        assert assign_splits(hashes[:n], fraction).count("eval") == n_eval, (n, fraction)
+    splits = assign_splits(hashes, 0.25)
+    assert assign_splits(hashes[::-1], 0.25) == splits[::-1]  # a function of the images, not their order
+    # Adding m images moves at most m of the others across the split; eval stays a prefix by key.
+    for m in (1, 7, 100):
+        grown = assign_splits(hashes + [hashlib.sha256(f"new{i}".encode()).hexdigest() for i in range(m)], 0.25)
+        assert sum(a != b for a, b in zip(splits, grown[:2000], strict=True)) <= m
 
 
 _photo = photo

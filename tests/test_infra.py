@@ -626,6 +626,63 @@ def test_multinode_job_forms_one_rendezvous():
 
 
 # --------------------------------------------------------------------------------------------
+# Dask cluster for curation
+
+
+DASK = INFRA / "k8s" / "dask-cluster.yaml"
+DASK_SAMPLES = {
+    "VAEFT_DASK_WORKERS": "6",
+    "VAEFT_DASK_PROCS": "15",
+    "VAEFT_IMAGE": "registry.example/vaeft:0123abc",
+    "VAEFT_GIT_REPO": "https://git.example/vaeft.git",
+    "VAEFT_GIT_COMMIT": "0123456789abcdef0123456789abcdef01234567",
+    "VAEFT_RWX_STORAGE_CLASS": "sample-rwx",
+}
+
+
+def dask_docs() -> dict[tuple[str, str], dict]:
+    raw = DASK.read_text(encoding="utf-8")
+    code = "\n".join(line for line in raw.splitlines() if not line.lstrip().startswith("#"))
+    names = set(re.findall(r"\$\{(\w+)\}", code))
+    assert names == set(DASK_SAMPLES), f"placeholders changed: {sorted(names ^ set(DASK_SAMPLES))}"
+    assert "$" not in re.sub(r"\$\{\w+\}", "", code), f"{rel(DASK)}: a '$' that envsubst would eat"
+    readme = (INFRA / "README.md").read_text(encoding="utf-8")
+    assert not [n for n in names if n not in readme], "infra/README.md does not explain every placeholder"
+    filled = re.sub(r"\$\{(\w+)\}", lambda m: DASK_SAMPLES[m.group(1)], code)
+    return {(d["kind"], d["metadata"]["name"]): d for d in yaml.safe_load_all(filled) if d}
+
+
+def test_dask_cluster_is_valid_kubernetes_and_wired_to_its_scheduler_and_claim():
+    docs = dask_docs()
+    for doc in docs.values():
+        strict_k8s(doc, rel(DASK))
+    svc, pvc = docs[("Service", "vaeft-dask-scheduler")], docs[("PersistentVolumeClaim", "vaeft-curate")]
+    sched, workers = docs[("Deployment", "vaeft-dask-scheduler")], docs[("Deployment", "vaeft-dask-worker")]
+    assert svc["spec"]["selector"].items() <= sched["spec"]["template"]["metadata"]["labels"].items()
+    assert workers["spec"]["replicas"] == int(DASK_SAMPLES["VAEFT_DASK_WORKERS"])
+    pod = workers["spec"]["template"]["spec"]
+    (worker,) = pod["containers"]
+    cmd = worker["command"]
+    assert cmd[:2] == ["dask", "worker"]
+    host, _, port = cmd[2].removeprefix("tcp://").partition(":")
+    assert host == svc["metadata"]["name"] and int(port) in {p["port"] for p in svc["spec"]["ports"]}
+    (sched_box,) = sched["spec"]["template"]["spec"]["containers"]
+    assert port == sched_box["command"][sched_box["command"].index("--port") + 1]
+    # One single-threaded process per requested core.
+    assert cmd[cmd.index("--nworkers") + 1] == worker["resources"]["requests"]["cpu"] == DASK_SAMPLES["VAEFT_DASK_PROCS"]
+    assert cmd[cmd.index("--nthreads") + 1] == "1"
+    # The work directory's claim: ReadWriteMany, at the path the flow run mounts its state volume.
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = mounts_of(worker)
+    assert volumes[mounts["/home/vaeft/state"]]["persistentVolumeClaim"]["claimName"] == pvc["metadata"]["name"]
+    assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
+    # Workers import vaeft from the clone the init container makes.
+    (clone,) = pod["initContainers"]
+    (work_path,) = [m for m, v in mounts_of(clone).items() if v == mounts["/home/vaeft/work"]]
+    assert env_of(worker)["PYTHONPATH"]["value"] == worker["workingDir"] == f"{work_path}/vaeft"
+
+
+# --------------------------------------------------------------------------------------------
 # Dockerfile
 
 

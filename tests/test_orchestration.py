@@ -84,6 +84,13 @@ def test_flow_parameters_are_validated(tmp_path):
         flow_config(dvc_remote="bad name; rm -rf /")
     with pytest.raises(ParamsError, match="no dvc.yaml"):
         flow_config(repo=tmp_path)
+    with pytest.raises(ParamsError, match="dask_address"):
+        flow_config(dask_address="tcp://host:8786; rm -rf /")
+    with pytest.raises(ParamsError, match="curate_engine"):
+        flow_config(curate_engine="local", dask_address="tcp://dask-scheduler:8786")
+    # The curate stage learns its engine from the environment (vaeft curate --engine/--dask-address).
+    assert flow_config(dask_address="tcp://dask-scheduler:8786").stage_env() == {
+        "VAEFT_CURATE_ENGINE": "dask", "VAEFT_DASK_ADDRESS": "tcp://dask-scheduler:8786"}
 
 
 def test_evaluate_flow_scores_checkpoints_and_writes_receipts(prefect_harness, tmp_path, curated, base_model):

@@ -46,11 +46,13 @@ class SourceParams(_Strict):
     ``embedded``: the photos that installed packages ship. ``folder``: a directory tree.
     ``tar``: a WebDataset-style shard, or a folder / glob of ``.tar`` shards. ``table``: a
     parquet, CSV or JSONL file with a path or URL column (relative paths are relative to the
-    table's folder) and optional LAION columns. ``s3``: ``s3://bucket/prefix``.
+    table's folder) and optional LAION columns. ``img2dataset``: the output folder of an
+    img2dataset download in webdataset format (``00000.tar`` + ``00000.parquet`` per shard; its
+    status, caption and LAION columns are read). ``s3``: ``s3://bucket/prefix``.
     """
 
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
-    kind: Literal["embedded", "folder", "tar", "table", "s3"] = "folder"
+    kind: Literal["embedded", "folder", "tar", "img2dataset", "table", "s3"] = "folder"
     path: str | None = None
     weight: PositiveFloat = 1.0
     # table: the column holding the path or URL; None picks the first of url, path, file, filepath.
@@ -81,7 +83,8 @@ class DataParams(_Strict):
     max_aspect: float = Field(default=4.0, ge=1.0)
     # Pixel count refused before decoding (decompression bombs).
     max_pixels: PositiveInt = 89_478_485
-    # Fraction of images held out for evaluation, decided per image from its content hash.
+    # Fraction of images held out for evaluation: exactly round(fraction x n) of them (at least one
+    # of each split), the smallest content-hash keys, so adding images moves few across the split.
     eval_fraction: float = Field(default=0.25, gt=0.0, lt=1.0)
     # Files larger than this are refused unread (reason file_too_large).
     max_bytes: PositiveInt = 256 * 1024 * 1024
@@ -98,6 +101,16 @@ class DataParams(_Strict):
     fetch_retries: NonNegativeInt = 2
     # Process-pool size (0: all CPU cores; 1: in-process) and items per work unit.
     workers: NonNegativeInt = 0
+    # Where work shards run: "local" (a process pool) or "dask" (dask.distributed). The manifest
+    # is byte-identical on either. dask_address: a running scheduler (tcp://HOST:8786); None
+    # starts a local cluster of `workers` processes. A remote cluster's workers must see
+    # work_dir and the sources at the same paths (shared storage). `vaeft curate --engine/
+    # --dask-address` (or VAEFT_CURATE_ENGINE / VAEFT_DASK_ADDRESS) override both per run.
+    engine: Literal["local", "dask"] = "local"
+    dask_address: str | None = None
+    # De-duplication holds its records in memory up to this budget, else in an on-disk index
+    # (same verdicts, bounded memory, slower).
+    dedup_memory_mb: NonNegativeInt = 2048
     shard_size: PositiveInt = 256
     # The curated dataset's tar shards (not the work units above), closed at whichever limit comes
     # first: 100k web JPEGs of ~300 KB are ~30 shards of 1 GiB (DVC tracks tens of files, not
@@ -107,6 +120,12 @@ class DataParams(_Strict):
     shard_max_images: PositiveInt = 4096
     # Per-shard partial results for resuming, kept outside the (atomically replaced) output.
     work_dir: str = ".vaeft/curate-work"
+
+    @model_validator(mode="after")
+    def _address_needs_dask(self) -> DataParams:
+        if self.dask_address is not None and self.engine != "dask":
+            raise ValueError("data.dask_address is set but data.engine is 'local' (set engine: dask)")
+        return self
 
     @field_validator("sources")
     @classmethod

@@ -31,12 +31,26 @@ def curate(
     out: Annotated[Path, typer.Option("--out", "-o", help="curated data directory")] = Path("data/curated"),
     source: Annotated[
         list[str] | None,
-        typer.Option("--source", "-s", help="image folder, .tar shard, table (.parquet/.csv/.jsonl) or s3://bucket/prefix; "
+        typer.Option("--source", "-s", help="image folder, .tar shard, img2dataset output folder, table (.parquet/.csv/.jsonl) or s3://bucket/prefix; "
                      "replaces the params' sources (repeatable, mixed 1:1)"),
     ] = None,
     force: ForceOpt = False,
+    engine: Annotated[
+        str | None,
+        typer.Option("--engine", envvar="VAEFT_CURATE_ENGINE",
+                     help="where work shards run: local (process pool) or dask; default: data.engine"),
+    ] = None,
+    dask_address: Annotated[
+        str | None,
+        typer.Option("--dask-address", envvar="VAEFT_DASK_ADDRESS",
+                     help="Dask scheduler (tcp://HOST:8786); implies --engine dask; none: a local cluster"),
+    ] = None,
 ) -> None:
-    """Validate, normalise, de-duplicate, mix and split images into a curated store with a manifest."""
+    """Validate, normalise, de-duplicate, mix and split images into a curated store with a manifest.
+
+    The engine and address only change where the work runs, never the output, so the retrain flow
+    passes them through the environment rather than params.yaml (DVC keeps the stage up to date).
+    """
     from vaeft.config import SourceParams
     from vaeft.data.curate import curate as run
 
@@ -51,6 +65,12 @@ def curate(
         data = data.model_copy(update={"sources": sources})
     else:
         _warn_unwatched_sources(params)
+    if engine not in (None, "", "local", "dask"):
+        raise typer.BadParameter(f"{engine!r}: expected local or dask", param_hint="--engine")
+    if dask_address:
+        data = data.model_copy(update={"engine": "dask", "dask_address": dask_address})
+    elif engine:
+        data = data.model_copy(update={"engine": engine, "dask_address": data.dask_address if engine == "dask" else None})
     run(data, out, force=force)
 
 
@@ -67,6 +87,9 @@ def _source_kind(given: str) -> str:
     suffix = Path(given).suffix.lower()
     if suffix == ".tar":
         return "tar"
+    # img2dataset's webdataset output: NNNNN.tar shards, each with its NNNNN.parquet beside it.
+    if Path(given).is_dir() and any(t.with_suffix(".parquet").is_file() for t in Path(given).glob("*.tar")):
+        return "img2dataset"
     return "table" if suffix in (".parquet", ".csv", ".tsv", ".jsonl", ".ndjson") else "folder"
 
 

@@ -9,24 +9,23 @@ Output directory layout::
     OUT/run_info.json             resolved params and versions (when/where/commit: provenance.record_run)
 
 Work happens in two phases. Shards (a tar file, or a chunk of files / table rows / S3 keys)
-are processed in a process pool; each writes its per-item results and the bytes to store (the
-original JPEG, or a normalised PNG) into a work directory outside OUT, committed atomically, so
-an interrupted run resumes where it stopped. The merge then reads those small records in a fixed
-order (source, shard, item) and de-duplicates, mixes and splits; nothing decoded is held, so
-memory grows only with the records (~200 bytes per image), never with pixels. Last, the kept
-images are streamed from the work directory into OUT's tar shards, split by split, in manifest order.
+are processed in a process pool or as Dask tasks (data/cluster.py); each writes its per-item
+results and the bytes to store (the original JPEG, or a normalised PNG) into a work directory
+outside OUT, committed atomically, so an interrupted run resumes where it stopped, on either
+engine. The merge then reads those small records in a fixed order (source, shard, item) and
+de-duplicates (data/dedup.py: in memory up to data.dedup_memory_mb, then on disk), mixes and
+splits; nothing decoded is held, so memory grows only with the records, never with pixels. Last,
+the kept images are streamed from the work directory into OUT's tar shards, split by split, in
+manifest order.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import multiprocessing
 import os
-import shutil
 from collections import Counter
 from collections.abc import Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,17 +33,20 @@ from typing import Any
 from vaeft import atomic, provenance
 from vaeft.config import DataParams, SourceParams
 from vaeft.console import banner, console, progress
+from vaeft.data.cluster import ClusterError, open_pool
+from vaeft.data.dedup import Deduplicator
 from vaeft.data.images import ImageLimits, ImageRejected, prepare_for_store
 from vaeft.data.manifest import MANIFEST_FILE, ManifestRow, write_manifest
-from vaeft.data.phash import NearDuplicateIndex, phash
+from vaeft.data.phash import phash
 from vaeft.data.shards import Member, ShardWriter, sidecar_json
 from vaeft.data.sources import Item, ReadLimits, Shard, SourceError, iter_items, iter_shards
 from vaeft.errors import VaeftError
 
 REPORT_FILE = "curation_report.json"
 # Bump when per-item processing changes, so stale partial results are not reused.
-_WORK_VERSION = 4  # 2: PNGs no longer embed an ICC profile; 3: safe names, symlink and tar-header reports;
-# 4: valid JPEGs kept as they are (pHash from a 1/8-scale decode), records carry ext/meta/caption
+_WORK_VERSION = 5  # 2: PNGs no longer embed an ICC profile; 3: safe names, symlink and tar-header reports;
+# 4: valid JPEGs kept as they are (pHash from a 1/8-scale decode), records carry ext/meta/caption;
+# 5: webdataset and img2dataset captions in the records
 
 
 class CurationError(VaeftError):
@@ -67,13 +69,28 @@ class CurateResult:
         return self.out_dir / MANIFEST_FILE
 
 
-def split_of(sha256: str, eval_fraction: float) -> str:
-    """Deterministic per-image split: adding images never moves an existing one."""
-    return "eval" if int(sha256[:16], 16) / 16**16 < eval_fraction else "train"
+def _split_key(sha256: str) -> tuple[int, str]:
+    return int(sha256[:16], 16), sha256
+
+
+def assign_splits(sha256s: list[str], eval_fraction: float) -> list[str]:
+    """Per image, "eval" or "train": the round(fraction x n) images with the smallest content-hash
+    keys are held out (at least one of each split once there are two images).
+
+    Exact in count, and nearly as stable as a per-image threshold: adding m images to a corpus
+    moves at most m of its images across the split (those pushed past the boundary), never
+    reshuffles it, and the same images always give the same split, in any order.
+    """
+    n = len(sha256s)
+    k = int(eval_fraction * n + 0.5)
+    if n >= 2:
+        k = min(max(k, 1), n - 1)
+    held_out = set(sorted(sha256s, key=_split_key)[:k])
+    return ["eval" if sha in held_out else "train" for sha in sha256s]
 
 
 def _mix_key(sha256: str) -> str:
-    # Independent of split_of's key: subsampling by the sha itself would skew the split.
+    # Independent of the split's key: subsampling by the sha itself would skew the split.
     return hashlib.sha256(f"mix:{sha256}".encode()).hexdigest()
 
 
@@ -148,7 +165,7 @@ def process_item(item: Item, cfg: WorkConfig) -> dict[str, Any]:
             atomic.write_bytes(target, item.data if prep.data is None else prep.data)
         return {"location": item.location, "reason": "", "sha256": sha, "width": prep.width,
                 "height": prep.height, "phash": ph, "ext": prep.ext, "meta": item.meta,
-                "caption": getattr(item, "caption", "") or ""}
+                "caption": item.caption or ""}
     finally:
         prep.image.close()
 
@@ -159,7 +176,7 @@ def process_shard(shard: Shard, cfg: WorkConfig) -> tuple[str, int]:
     for item in iter_items(shard, cfg.read, cfg.meta_rejection):
         try:
             records.append(process_item(item, cfg))
-        except Exception as exc:  # a decoder bug on one file must not lose the whole run
+        except Exception as exc:  # noqa: BLE001 - a decoder bug on one file must not lose the whole run
             records.append(_rejected(item, "internal_error", f"{type(exc).__name__}: {exc}"))
         item.data = None  # drop the raw bytes before the next item is read
     atomic.write_text(_result_path(cfg.work, shard), "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
@@ -192,24 +209,22 @@ def _run_shards(params: DataParams, cfg: WorkConfig) -> tuple[list[tuple[int, Sh
     order: list[tuple[int, Shard]] = []
     done = reused = 0
     with progress() as bar:
-        task = bar.add_task("curate", total=None, info="listing sources")
-        pool = None
-        if n_workers > 1:
-            # spawn: the parent may hold threads (progress bar, S3/HTTP clients); fork would copy their locks.
-            pool = ProcessPoolExecutor(n_workers, mp_context=multiprocessing.get_context("spawn"))
-        in_flight: dict[Future[tuple[str, int]], Shard] = {}
+        task = bar.add_task("curate", total=None, info="starting Dask" if params.engine == "dask" else "listing sources")
+        try:
+            pool = open_pool(params.engine, params.dask_address, n_workers, Path(cfg.work))
+        except ClusterError as exc:
+            raise CurationError(str(exc)) from None
+        in_flight: dict[Any, Shard] = {}
 
-        def collect(block: bool) -> None:
+        def collect() -> None:
             nonlocal done
-            if not in_flight:
-                return
-            finished, _ = wait(in_flight, timeout=None if block else 0, return_when=FIRST_COMPLETED)
-            for fut in finished:
+            for fut in pool.wait_first(in_flight):
                 shard = in_flight.pop(fut)
                 _, n = fut.result()
                 done += 1
                 bar.update(task, advance=1, info=f"{shard.source} #{shard.index}: {n} files")
 
+        finished = False
         try:
             for src_idx, shard in _all_shards(params):
                 order.append((src_idx, shard))
@@ -223,16 +238,16 @@ def _run_shards(params: DataParams, cfg: WorkConfig) -> tuple[list[tuple[int, Sh
                     done += 1
                     bar.update(task, advance=1, info=f"{shard.source} #{shard.index}: {n} files")
                     continue
-                # Bounded in-flight work: shards (and their bytes) are never queued without limit.
-                while len(in_flight) >= 2 * n_workers:
-                    collect(block=True)
-                in_flight[pool.submit(process_shard, shard, cfg)] = shard
-                collect(block=False)
+                while len(in_flight) >= pool.slots:
+                    collect()
+                key = f"curate-{shard.source}-{shard.index}-{shard.key}"
+                in_flight[pool.submit(process_shard, shard, cfg, key=key)] = shard
             while in_flight:
-                collect(block=True)
+                collect()
+            finished = True
         finally:
             if pool is not None:
-                pool.shutdown(wait=True, cancel_futures=True)
+                pool.close(cancel=not finished)
     return order, done, reused
 
 
@@ -283,40 +298,21 @@ def curate(params: DataParams, out_dir: str | Path, *, force: bool = False) -> C
     duplicates: list[dict[str, Any]] = []
     candidates: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
     seen = Counter[str]()
-    valid: list[tuple[int, dict[str, Any]]] = []  # (merge position, record) of every decodable image
-    for src_idx, shard in sorted(order, key=lambda t: (t[0], t[1].index)):
-        name = names[src_idx]
-        for rec in _read_records(work, shard):
-            seen[name] += 1
-            if rec["reason"]:
-                rejected.append({"location": rec["location"], "source": name, "reason": rec["reason"],
-                                 "detail": rec["detail"]})
+    with Deduplicator(params.phash_distance, params.dedup_memory_mb * 2**20, work / "dedup") as dedup:
+        for src_idx, shard in sorted(order, key=lambda t: (t[0], t[1].index)):
+            name = names[src_idx]
+            for rec in _read_records(work, shard):
+                seen[name] += 1
+                if rec["reason"]:
+                    rejected.append({"location": rec["location"], "source": name, "reason": rec["reason"],
+                                     "detail": rec["detail"]})
+                else:
+                    dedup.add({**rec, "source": name})
+        for rec, verdict in dedup.results():  # merge order: the manifest keeps the sources' order
+            if verdict is None:
+                candidates[rec["source"]].append(rec)
             else:
-                valid.append((len(valid), {**rec, "source": name}))
-    # De-duplication keeps the best copy of each image: the most pixels first (a thumbnail never
-    # wins over its original), then the first in merge order (sources as listed, then shards and
-    # items in order), which depends on the inputs only, never on which worker made a record.
-    by_sha: dict[str, str] = {}
-    dropped_sha: dict[str, dict[str, Any]] = {}  # a copy of an image that was itself dropped: same verdict
-    near = NearDuplicateIndex(params.phash_distance)
-    kept: list[tuple[int, dict[str, Any]]] = []
-    for pos, rec in sorted(valid, key=lambda t: (-t[1]["width"] * t[1]["height"], t[0])):
-        loc, name = rec["location"], rec["source"]
-        if rec["sha256"] in by_sha:
-            duplicates.append({"location": loc, "source": name, "reason": "exact_duplicate",
-                               "duplicate_of": by_sha[rec["sha256"]]})
-        elif rec["sha256"] in dropped_sha:
-            duplicates.append({"location": loc, "source": name, **dropped_sha[rec["sha256"]]})
-        elif (hit := near.find(rec["phash"])) is not None:
-            verdict = {"reason": "near_duplicate", "duplicate_of": hit[0], "distance": hit[1]}
-            dropped_sha[rec["sha256"]] = verdict
-            duplicates.append({"location": loc, "source": name, **verdict})
-        else:
-            by_sha[rec["sha256"]] = loc
-            near.add(rec["phash"], loc)
-            kept.append((pos, rec))
-    for _pos, rec in sorted(kept, key=lambda t: t[0]):  # the manifest keeps the sources' order
-        candidates[rec["source"]].append(rec)
+                duplicates.append({"location": rec["location"], "source": rec["source"], **verdict})
 
     subsampled: list[dict[str, str]] = []
     if params.balance:
@@ -327,7 +323,9 @@ def curate(params: DataParams, out_dir: str | Path, *, force: bool = False) -> C
             subsampled += [{"location": r["location"], "source": name, "reason": "mix_subsampled"}
                            for r in ranked[targets[name]:]]
 
-    final = [{**r, "split": split_of(r["sha256"], params.eval_fraction)} for recs in candidates.values() for r in recs]
+    final = [r for recs in candidates.values() for r in recs]
+    for r, split in zip(final, assign_splits([r["sha256"] for r in final], params.eval_fraction), strict=True):
+        r["split"] = split
     n_eval = sum(r["split"] == "eval" for r in final)
     n_train = len(final) - n_eval
     if not final:

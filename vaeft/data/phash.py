@@ -23,6 +23,12 @@ def phash(img: Image.Image) -> str:
     return f"{int(''.join('1' if b else '0' for b in bits), 2):016x}"
 
 
+def bit_blocks(n: int) -> list[tuple[int, int]]:
+    """``n`` disjoint (lo, hi) bit ranges covering the 64 bits as evenly as possible."""
+    edges = np.linspace(0, HASH_BITS, max(n, 1) + 1).astype(int)
+    return [(int(lo), int(hi)) for lo, hi in zip(edges[:-1], edges[1:]) if hi > lo]
+
+
 def hamming(a: str, b: str) -> int:
     return (int(a, 16) ^ int(b, 16)).bit_count()
 
@@ -36,9 +42,7 @@ class NearDuplicateIndex:
 
     def __init__(self, max_distance: int) -> None:
         self.max_distance = max_distance
-        n_bands = max_distance + 1
-        edges = np.linspace(0, HASH_BITS, n_bands + 1).astype(int)
-        self._bands = [(int(lo), int(hi)) for lo, hi in zip(edges[:-1], edges[1:]) if hi > lo]
+        self._bands = bit_blocks(max_distance + 1)
         self._buckets: list[dict[int, list[tuple[int, str]]]] = [defaultdict(list) for _ in self._bands]
 
     def _keys(self, value: int) -> list[int]:

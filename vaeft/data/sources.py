@@ -26,6 +26,9 @@ from vaeft.errors import VaeftError
 from vaeft.fetch import DownloadError, TooLargeError, fetch_bytes
 
 LAION_COLUMNS = ("aesthetic", "pwatermark", "punsafe", "width", "height")
+# Other spellings of the LAION columns in the wild (LAION-Aesthetics parquets), matched case-insensitively.
+LAION_ALIASES = {"aesthetic_score": "aesthetic", "aesthetic": "aesthetic", "pwatermark": "pwatermark",
+                 "punsafe": "punsafe", "width": "width", "height": "height"}
 PATH_COLUMNS = ("url", "path", "file", "filepath")
 TAR_SEP = "::"
 
@@ -51,6 +54,7 @@ class Item:
     reason: str = ""  # set when data is None
     detail: str = ""
     meta: dict[str, float] = field(default_factory=dict)
+    caption: str | None = None  # a webdataset sample's .txt (or its img2dataset row's caption)
 
 
 def _digest(obj: Any) -> str:
@@ -169,6 +173,13 @@ def _table_row(source: SourceParams, raw: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
+def _stat(path: str) -> os.stat_result | None:
+    try:
+        return os.stat(path)
+    except OSError:
+        return None
+
+
 def _s3_split(uri: str) -> tuple[str, str]:
     bucket, _, prefix = uri[len("s3://") :].partition("/")
     return bucket, prefix
@@ -192,6 +203,12 @@ def iter_shards(source: SourceParams, shard_size: int) -> Iterator[Shard]:
         for i, tar in enumerate(_tar_files(source)):
             st = os.stat(tar)
             yield Shard(source.name, "tar", i, _digest(["tar", tar, st.st_size, st.st_mtime_ns]), tar)
+    elif kind == "img2dataset":
+        for i, tar in enumerate(_tar_files(source)):
+            table = str(Path(tar).with_suffix(".parquet"))
+            stamp = [(f, st.st_size, st.st_mtime_ns) for f in (tar, table) if (st := _stat(f)) is not None]
+            payload = {"tar": tar, "parquet": table if len(stamp) == 2 else None}
+            yield Shard(source.name, "img2dataset", i, _digest(["img2dataset", stamp]), payload)
     elif kind == "table":
         base = str(Path(source.path or "").parent)
         for i, chunk in enumerate(_chunks(_table_rows(source), shard_size)):
@@ -264,13 +281,17 @@ def _sidecar_meta(raw: bytes) -> dict[str, float]:
         obj = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError):
         return {}
-    if not isinstance(obj, dict):
-        return {}
-    return {
-        c: float(obj[c])
-        for c in LAION_COLUMNS
-        if isinstance(obj.get(c), (int, float)) and not isinstance(obj.get(c), bool) and math.isfinite(obj[c])
-    }
+    return laion_meta(obj) if isinstance(obj, dict) else {}
+
+
+def laion_meta(obj: dict[str, Any]) -> dict[str, float]:
+    """The LAION filter columns of one sample's metadata (any known spelling), finite numbers only."""
+    meta = {}
+    for k, v in obj.items():
+        c = LAION_ALIASES.get(str(k).lower())
+        if c and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+            meta.setdefault(c, float(v))
+    return meta
 
 
 def _unsafe_member(name: str) -> bool:
@@ -284,10 +305,13 @@ def _iter_tar(shard_path: str, limits: ReadLimits) -> Iterator[Item]:
     pending: list[Item] = []
     pending_key: str | None = None
     sidecar: dict[str, float] = {}
+    caption: str | None = None
 
     def flush() -> Iterator[Item]:
         for it in pending:
             it.meta = {**sidecar, **it.meta}
+            if it.data is not None and caption is not None:
+                it.caption = caption
             yield it
 
     try:
@@ -300,10 +324,10 @@ def _iter_tar(shard_path: str, limits: ReadLimits) -> Iterator[Item]:
                 key = str(base.parent / base.name.split(".", 1)[0])
                 if key != pending_key:
                     yield from flush()
-                    pending, pending_key, sidecar = [], key, {}
+                    pending, pending_key, sidecar, caption = [], key, {}, None
                 suffix = base.suffix.lower()
-                if not (_is_image_name(m.name) or suffix == ".json"):
-                    continue  # captions (.txt) and other sidecars carry nothing curation uses
+                if not (_is_image_name(m.name) or suffix in (".json", ".txt")):
+                    continue  # other sidecars carry nothing curation uses
                 if _unsafe_member(m.name):
                     pending.append(Item(loc, reason="unsafe_tar_member", detail="absolute or '..' path"))
                     continue
@@ -311,13 +335,15 @@ def _iter_tar(shard_path: str, limits: ReadLimits) -> Iterator[Item]:
                     pending.append(Item(loc, reason="unsafe_tar_member", detail="link or special file"))
                     continue
                 if m.size > limits.max_bytes:
-                    if suffix != ".json":
+                    if suffix not in (".json", ".txt"):
                         pending.append(_too_large(loc, m.size, limits))
                     continue
                 fh = tf.extractfile(m)
                 data = fh.read() if fh is not None else b""
                 if suffix == ".json":
                     sidecar = _sidecar_meta(data)
+                elif suffix == ".txt":
+                    caption = data.decode("utf-8", "replace")
                 else:
                     pending.append(Item(loc, data))
             yield from flush()
@@ -344,6 +370,37 @@ def _unread_rest(tf: tarfile.TarFile) -> int | None:
     return None
 
 
+def _img2dataset_rows(table: str) -> list[dict[str, Any]]:
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(table)
+    wanted = {"key", "url", "caption", "status", "error_message"}
+    cols = [c for c in pf.schema_arrow.names if c in wanted or c.lower() in LAION_ALIASES]
+    return pf.read(columns=cols).to_pylist()
+
+
+def _iter_img2dataset(tar: str, table: str | None, limits: ReadLimits) -> Iterator[Item]:
+    """One img2dataset shard: the samples of its tar (their metadata and caption from the
+    shard's parquet, else from each sample's .json/.txt), then the rows whose download failed,
+    which have no sample in the tar, as fetch_failed."""
+    rows = _img2dataset_rows(table) if table else []
+    by_key = {str(r["key"]): r for r in rows if r.get("key") is not None}
+    for item in _iter_tar(tar, limits):
+        prefix = f"{tar}{TAR_SEP}"
+        member = item.location[len(prefix):] if item.location.startswith(prefix) else ""
+        row = by_key.get(PurePosixPath(member).name.split(".", 1)[0]) if member else None
+        if row is not None:
+            item.meta = {**item.meta, **laion_meta(row)}
+            if item.data is not None and row.get("caption") is not None:
+                item.caption = str(row["caption"])
+        yield item
+    for r in rows:
+        if r.get("status") not in (None, "success"):
+            where = str(r.get("url") or f"{tar}{TAR_SEP}{r.get('key')}")
+            yield Item(where, reason="fetch_failed", detail=f"img2dataset: {r.get('error_message') or r['status']}",
+                       meta=laion_meta(r))
+
+
 def _resolve_target(target: str, base: str) -> tuple[str, str]:
     """('url'|'path', where to read) for a table cell."""
     if "://" in target:
@@ -359,6 +416,8 @@ def iter_items(shard: Shard, limits: ReadLimits, meta_check: Any = None) -> Iter
             yield _read_file(loc, path, limits)
     elif shard.kind == "tar":
         yield from _iter_tar(shard.payload, limits)
+    elif shard.kind == "img2dataset":
+        yield from _iter_img2dataset(shard.payload["tar"], shard.payload["parquet"], limits)
     elif shard.kind == "table":
         base = shard.payload["base"]
         for row in shard.payload["rows"]:
