@@ -107,6 +107,10 @@ def main() -> None:
             "  crops_per_image 4": CropStream(root, AugmentParams(**base, crops_per_image=4), 0, args.crops),
             "  + oversample 1, crops_per_image 2": CropStream(root, AugmentParams(**a, crops_per_image=2), 0, args.crops),
             "  + oversample 1, crops_per_image 4": CropStream(root, AugmentParams(**a, crops_per_image=4), 0, args.crops),
+            "  crops_per_image 4, reducing_gap 2.0": CropStream(
+                root, AugmentParams(**base, crops_per_image=4, reducing_gap=2.0), 0, args.crops),
+            "  + oversample 1, crops_per_image 4, reducing_gap 1.5": CropStream(
+                root, AugmentParams(**a, crops_per_image=4, reducing_gap=1.5), 0, args.crops),
             "pixel store (memory-mapped region + resize)": CropStream(
                 root, AugmentParams(**base, jpeg_draft=False), 0, args.crops, pixel_dir=store),
             "pixel store, reducing_gap 1.5": CropStream(
