@@ -219,6 +219,11 @@ def test_training_from_a_remote_dataset_fingerprints_the_remote_manifest(tmp_pat
     assert require_data(url) == url
     with pytest.raises(UsageError, match="no manifest at s3://train-data/elsewhere"):
         require_data("s3://train-data/elsewhere")
+    # What infra/k8s/train-node.sh runs on every node when VAEFT_DATA_URL is set.
+    from vaeft.cli.pipeline import _with_data
+
+    cmd = _with_data("python -m vaeft train ema --init models/base --data data/curated --out m", url, "train-ema")
+    assert cmd == f"python -m vaeft train ema --init models/base --data {url} --out m"
     # The state a run saves is keyed by this digest: equal for the URL, the local copy, and the
     # file hash runs saved before remote data existed.
     assert manifest_sha256(url) == manifest_sha256(curated) == tree_sha256(curated / "manifest.parquet")
