@@ -8,7 +8,7 @@
 # Reads VAEFT_NODE_RANK and VAEFT_DVC_REMOTE_URL (the launch variables VAEFT_NNODES,
 # VAEFT_NPROC_PER_NODE and VAEFT_RDZV_ENDPOINT are read by vaeft itself).
 #
-# With VAEFT_DATA_URL (a curated dataset's URL, s3://bucket/prefix) the dataset is not pulled:
+# With VAEFT_DATA_URL (a curated dataset's URL, s3://BUCKET/PREFIX) the dataset is not pulled:
 # every rank pulls only the stage's other inputs (the init model, data/crops) and trains
 # straight from the URL, each fetching only the shards its samples fall in. DVC cannot record
 # that run (its data/curated dep is not on disk): the model is left in the stage's output folder.
