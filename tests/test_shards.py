@@ -147,7 +147,7 @@ def test_remote_dataset_rank_downloads_only_its_shards(tmp_path, curated, s3_end
 
 
 def test_jpeg_decode_stops_at_the_crops_lowest_row_with_the_full_decodes_pixels():
-    from vaeft.augment.crops import _decode_top
+    from vaeft.augment.crops import _decode_top, _draft, render, render_decoded, sample_rng, sample_spec
 
     arr = photo(2, (640, 480))
     for data in (_jpeg(arr), _jpeg(arr, progressive=True), _jpeg(arr[..., 0])):  # baseline, progressive, gray
@@ -165,6 +165,16 @@ def test_jpeg_decode_stops_at_the_crops_lowest_row_with_the_full_decodes_pixels(
         # A stream cut above the rows the crop reads is an error, as in a full load.
         with pytest.raises(OSError):
             _decode_top(Image.open(io.BytesIO(data[:len(data) // 4])), 400)
+    # Crops rendered from the top rows equal crops from the whole (draft-)decoded image: the rows
+    # kept reach as far as the Lanczos kernel does.
+    p = AugmentParams(crop_size=96, jpeg_draft_oversample=1.0)
+    data = _jpeg(arr)
+    for i in range(24):
+        spec = sample_spec(640, 480, p, sample_rng(7, 0, i))
+        got = render(Image.open(io.BytesIO(data)), spec, p)
+        with Image.open(io.BytesIO(data)) as whole:
+            factor = _draft(whole, spec.scale, 1.0)
+            assert np.array_equal(got, render_decoded(whole.convert("RGB"), factor, spec, p)), spec
 
 
 def test_crops_per_image_and_shard_shuffle_keep_batches_a_function_of_the_step(curated):
