@@ -118,6 +118,10 @@ class DataParams(_Strict):
         return v
 
 
+# Augment options at the values that behave as before they existed (issue 16's loader options).
+_AUGMENT_BEFORE_OPTIONS: dict[str, Any] = {"jpeg_draft_oversample": 2.0, "crops_per_image": 1, "shuffle": "global"}
+
+
 class AugmentParams(_Strict):
     """Random square crops at several Lanczos downscales, rotated and flipped (Furception's recipe)."""
 
@@ -167,6 +171,18 @@ class AugmentParams(_Strict):
     # inputs and are what posterior-moment caching needs.
     materialize: NonNegativeInt = 0
     shard_size: PositiveInt = 1024
+
+    def resume_key(self) -> dict[str, Any]:
+        """The fields a run's batches depend on, for its resume fingerprint.
+
+        Options added after runs were saved are left out at the value that reproduces those runs'
+        batches (the window too while the order is global: it plays no part), so their state
+        still resumes.
+        """
+        drop = {k for k, v in _AUGMENT_BEFORE_OPTIONS.items() if getattr(self, k) == v}
+        if self.shuffle == "global":
+            drop.add("shuffle_window")
+        return self.model_dump(mode="json", exclude=drop)
 
     @field_validator("scale_levels")
     @classmethod

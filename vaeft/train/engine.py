@@ -226,7 +226,7 @@ def _train(phase: str, params: Params, cfg: TrainPhaseParams, ctx: dist_.DistCon
         run_config(
             phase=phase,
             train=cfg.model_dump(mode="json"),
-            augment=params.augment.model_dump(mode="json"),
+            augment=params.augment.resume_key(),
             seed=params.seed,
             init=init_digest,
             # The manifest's bytes: a run may resume from a local copy of a remote dataset or back.
