@@ -556,6 +556,7 @@ MULTINODE_SAMPLES = {
     "VAEFT_GIT_REPO": "https://git.example/vaeft.git",
     "VAEFT_GIT_COMMIT": "0123456789abcdef0123456789abcdef01234567",
     "VAEFT_DVC_REMOTE_URL": "s3://BUCKET/dvc",
+    "VAEFT_DATA_URL": "s3://BUCKET/curated",
     "VAEFT_RWX_STORAGE_CLASS": "sample-rwx",
 }
 
@@ -609,6 +610,7 @@ def test_multinode_job_forms_one_rendezvous():
     assert env["VAEFT_NODE_RANK"]["valueFrom"]["fieldRef"]["fieldPath"] == (
         "metadata.annotations['batch.kubernetes.io/job-completion-index']")
     assert env["VAEFT_NPROC_PER_NODE"]["value"] == gpus
+    assert env["VAEFT_DATA_URL"]["value"] == MULTINODE_SAMPLES["VAEFT_DATA_URL"]  # train-node.sh reads it
     res = train["resources"]
     assert str(res["requests"]["nvidia.com/gpu"]) == str(res["limits"]["nvidia.com/gpu"]) == gpus
     volumes = {v["name"]: v for v in pod["volumes"]}

@@ -189,3 +189,18 @@ def test_one_state_folder_per_output_found_again_from_another_clone(tmp_path, mo
     assert names[0] == names[1] and names[0].name.startswith("ema-ft-ema-")
     assert len({state_dir("s", "ema", "models/ft-ema"), state_dir("s", "ema", "models/other"),
                 state_dir("s", "mse", "models/ft-ema"), state_dir("s", "ema", tmp_path / "ft-ema")}) == 4
+
+
+def test_loader_options_at_their_previous_behaviour_leave_the_resume_fingerprint_as_it_was():
+    """States saved before issue 16's loader options existed still resume while those options
+    keep the batches those runs drew; any other value is part of the fingerprint."""
+    from vaeft.config import AugmentParams
+
+    new = {"jpeg_draft_oversample", "crops_per_image", "shuffle", "shuffle_window"}
+    p = AugmentParams()
+    assert not new & set(p.resume_key()) and set(p.resume_key()) == set(p.model_dump()) - new
+    assert p.model_copy(update={"shuffle_window": 9}).resume_key() == p.resume_key()  # unused while global
+    assert p.model_copy(update={"crops_per_image": 2}).resume_key()["crops_per_image"] == 2
+    assert p.model_copy(update={"jpeg_draft_oversample": 1.0}).resume_key()["jpeg_draft_oversample"] == 1.0
+    shards = p.model_copy(update={"shuffle": "shards"}).resume_key()
+    assert (shards["shuffle"], shards["shuffle_window"]) == ("shards", 4)

@@ -144,3 +144,102 @@ def test_remote_dataset_rank_downloads_only_its_shards(tmp_path, curated, s3_end
     items = eval_items("s3://data/curated", cache_dir=tmp_path / "cache", storage_options=opts)
     assert [it.row.sha256 for it in items] == [r.sha256 for r in read_manifest(curated, split="eval")]
     assert load_eval_image(items[0], 32).shape == (32, 32, 3)
+
+
+def test_jpeg_decode_stops_at_the_crops_lowest_row_with_the_full_decodes_pixels():
+    from vaeft.augment.crops import _decode_top, _draft, render, render_decoded, sample_rng, sample_spec
+
+    arr = photo(2, (640, 480))
+    for data in (_jpeg(arr), _jpeg(arr, progressive=True), _jpeg(arr[..., 0])):  # baseline, progressive, gray
+        for draft in (None, (160, 120)):
+            with Image.open(io.BytesIO(data)) as full:
+                if draft:
+                    full.draft("RGB", draft)
+                ref = np.asarray(full)
+            img = Image.open(io.BytesIO(data))
+            if draft:
+                img.draft("RGB", draft)
+            rows = ref.shape[0] // 2 + 3
+            top = np.asarray(_decode_top(img, rows))
+            assert top.shape[0] == rows and np.array_equal(top, ref[:rows])
+        # A stream cut above the rows the crop reads is an error, as in a full load.
+        with pytest.raises(OSError):
+            _decode_top(Image.open(io.BytesIO(data[:len(data) // 4])), 400)
+    # Crops rendered from the top rows equal crops from the whole (draft-)decoded image: the rows
+    # kept reach as far as the Lanczos kernel does.
+    p = AugmentParams(crop_size=96, jpeg_draft_oversample=1.0)
+    data = _jpeg(arr)
+    for i in range(24):
+        spec = sample_spec(640, 480, p, sample_rng(7, 0, i))
+        got = render(Image.open(io.BytesIO(data)), spec, p)
+        with Image.open(io.BytesIO(data)) as whole:
+            factor = _draft(whole, spec.scale, 1.0)
+            assert np.array_equal(got, render_decoded(whole.convert("RGB"), factor, spec, p)), spec
+
+
+def test_crops_per_image_and_shard_shuffle_keep_batches_a_function_of_the_step(curated):
+    """k crops per decode and per-rank shard sets: the same crops in any order, ranks on disjoint shards."""
+    batch, world = 2, 2
+    p = AugmentParams(crop_size=32, cache_images=False, crops_per_image=2, shuffle="shards", shuffle_window=1)
+    streams = [CropStream(curated, p, seed=3, length=10_000, batch_size=batch, world_size=world) for _ in range(world)]
+    n = len(streams[0].rows)
+    steps = range(0, -(-n // world) * 2 // batch)  # one epoch: ceil(N / W) images x 2 crops per rank
+    metas: dict[int, list[dict]] = {}
+    for rank, stream in enumerate(streams):
+        metas[rank] = [stream.sample(i)[1] for i in StepSampler(steps.start, steps.stop, batch, rank, world)]
+        assert all(m["epoch"] == 0 for m in metas[rank])
+        own = set(stream.rank_shards(0, rank))
+        # The rank's reads this epoch touch only its shards (and with a window of 1, in shard order).
+        assert stream.data.store.touched <= own and {stream.rows[m["image"]].shard for m in metas[rank]} <= own
+        pairs = list(zip(metas[rank][::2], metas[rank][1::2], strict=True))
+        assert all(a["image"] == b["image"] and a != b for a, b in pairs)  # one image, two different crops
+    shards = [set(streams[0].rank_shards(0, r)) for r in range(world)]
+    assert not shards[0] & shards[1] and shards[0] | shards[1] == {r.shard for r in streams[0].rows}
+    assert streams[0].rank_shards(1, 0) != streams[0].rank_shards(0, 0) or len(streams[0].shards) < 3
+    # A fresh stream drawing one rank's samples backwards (no decode reused) gives the same crops.
+    fresh = CropStream(curated, p, seed=3, length=10_000, batch_size=batch, world_size=world)
+    order = list(StepSampler(steps.start, steps.stop, batch, 1, world))
+    back = {i: fresh.sample(i)[0] for i in reversed(order)}
+    assert all(np.array_equal(back[i], streams[1].sample(i)[0]) for i in order)
+    # Global order with k = 2: consecutive samples share their image.
+    g = CropStream(curated, p.model_copy(update={"shuffle": "global"}), seed=3, length=10_000)
+    assert all(g.sample(2 * j)[1]["image"] == g.sample(2 * j + 1)[1]["image"] for j in range(3))
+
+
+def test_training_from_a_remote_dataset_fingerprints_the_remote_manifest(tmp_path, curated, s3_endpoint, monkeypatch):
+    """`--data s3://...` trains from the bucket; its resume fingerprint is the manifest's bytes, as for a local copy."""
+    import boto3
+
+    from vaeft.cli.common import UsageError, require_data
+    from vaeft.config import parse_params
+    from vaeft.data.manifest import manifest_sha256
+    from vaeft.hashing import tree_sha256
+    from vaeft.train.engine import train_phase
+
+    from .conftest import tiny_params_dict
+
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint)
+    s3.create_bucket(Bucket="train-data")
+    for f in sorted(curated.rglob("*")):
+        if f.is_file():
+            s3.upload_file(str(f), "train-data", f"curated/{f.relative_to(curated).as_posix()}")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)  # what a user's S3-compatible store sets
+    monkeypatch.setenv("VAEFT_SHARD_CACHE", str(tmp_path / "cache"))
+    url = "s3://train-data/curated"
+    assert require_data(url) == url
+    with pytest.raises(UsageError, match="no manifest at s3://train-data/elsewhere"):
+        require_data("s3://train-data/elsewhere")
+    # What infra/k8s/train-node.sh runs on every node when VAEFT_DATA_URL is set.
+    from vaeft.cli.pipeline import _with_data
+
+    cmd = _with_data("python -m vaeft train ema --init models/base --data data/curated --out m", url, "train-ema")
+    assert cmd == f"python -m vaeft train ema --init models/base --data {url} --out m"
+    # The state a run saves is keyed by this digest: equal for the URL, the local copy, and the
+    # file hash runs saved before remote data existed.
+    assert manifest_sha256(url) == manifest_sha256(curated) == tree_sha256(curated / "manifest.parquet")
+    raw = tiny_params_dict()
+    raw["train"]["pretrain"].update(steps=2, checkpoint_every=2, image_every=2)
+    log = tmp_path / "log.csv"
+    result = train_phase("pretrain", parse_params(raw), url, tmp_path / "out", log_file=log, state_root=tmp_path / "s")
+    assert result.steps == 2 and np.isfinite(result.final_loss)
+    assert any((tmp_path / "cache").rglob("train-*.tar")) and any((tmp_path / "log-images").glob("step-*.png"))

@@ -137,6 +137,10 @@ class DataParams(_Strict):
         return v
 
 
+# Augment options at the values that behave as before they existed (issue 16's loader options).
+_AUGMENT_BEFORE_OPTIONS: dict[str, Any] = {"jpeg_draft_oversample": 2.0, "crops_per_image": 1, "shuffle": "global"}
+
+
 class AugmentParams(_Strict):
     """Random square crops at several Lanczos downscales, rotated and flipped (Furception's recipe)."""
 
@@ -152,8 +156,23 @@ class AugmentParams(_Strict):
     max_angle: float = Field(default=0.0, ge=0.0, le=45.0)
     hflip: bool = True
     vflip: bool = False
-    # JPEG fast path: decode at reduced DCT scale (draft mode) to >= 2x the needed size.
+    # JPEG fast path: decode at reduced DCT scale (draft mode) to >= `jpeg_draft_oversample` x the
+    # needed size, and only down to the lowest row the crop reads (exact: the same rows as a full
+    # decode). Oversample 2 keeps crops >= ~50 dB from the full-resolution decode; 1 takes the
+    # largest power-of-two reduction the downscale allows (more crops per core, lower PSNR:
+    # BENCHMARKS.md, issue 16).
     jpeg_draft: bool = True
+    jpeg_draft_oversample: float = Field(default=2.0, ge=1.0)
+    # Crops drawn from one decoded image (consecutive samples of a batch share it): k > 1 divides
+    # the decode cost by ~k but a batch of B then holds B / k distinct images and an epoch is
+    # k crops of every image. 1 keeps the previous sample sequence exactly.
+    crops_per_image: PositiveInt = 1
+    # Sample order. "global": one permutation of all training images per epoch (every rank reads
+    # from every shard). "shards": each epoch shuffles the shard order and deals shards to ranks
+    # (disjoint sets), and a rank permutes its images within windows of `shuffle_window` shards,
+    # so it holds only a window's shards at a time (staging / shard cache at 10 M images).
+    shuffle: Literal["global", "shards"] = "global"
+    shuffle_window: PositiveInt = 4
     # Pillow's reducing_gap for the Lanczos downscale: box-reduce by an integer factor first while
     # the rest of the downscale stays >= this gap. None: exact Lanczos. Measured on 256 crops of
     # 2 MP images (BENCHMARKS.md): 2.0 ~10% more crops per core at >= 52 dB from the exact crop,
@@ -171,6 +190,18 @@ class AugmentParams(_Strict):
     # inputs and are what posterior-moment caching needs.
     materialize: NonNegativeInt = 0
     shard_size: PositiveInt = 1024
+
+    def resume_key(self) -> dict[str, Any]:
+        """The fields a run's batches depend on, for its resume fingerprint.
+
+        Options added after runs were saved are left out at the value that reproduces those runs'
+        batches (the window too while the order is global: it plays no part), so their state
+        still resumes.
+        """
+        drop = {k for k, v in _AUGMENT_BEFORE_OPTIONS.items() if getattr(self, k) == v}
+        if self.shuffle == "global":
+            drop.add("shuffle_window")
+        return self.model_dump(mode="json", exclude=drop)
 
     @field_validator("scale_levels")
     @classmethod

@@ -7,6 +7,11 @@
 #
 # Reads VAEFT_NODE_RANK and VAEFT_DVC_REMOTE_URL (the launch variables VAEFT_NNODES,
 # VAEFT_NPROC_PER_NODE and VAEFT_RDZV_ENDPOINT are read by vaeft itself).
+#
+# With VAEFT_DATA_URL (a curated dataset's URL, s3://BUCKET/PREFIX) the dataset is not pulled:
+# every rank pulls only the stage's other inputs (the init model, data/crops) and trains
+# straight from the URL, each fetching only the shards its samples fall in. DVC cannot record
+# that run (its data/curated dep is not on disk): the model is left in the stage's output folder.
 set -euo pipefail
 
 stage=${1:?usage: train-node.sh STAGE}
@@ -17,6 +22,24 @@ dvc remote add --local --force "$remote" "${VAEFT_DVC_REMOTE_URL:?VAEFT_DVC_REMO
 # Resumable state on the shared volume, so every rank of a rerun finds the same checkpoint.
 mkdir -p .vaeft
 ln -sfn "${VAEFT_STATE_DIR:-/home/vaeft/state}" .vaeft/state
+
+if [ -n "${VAEFT_DATA_URL:-}" ]; then
+  # The stage's deps that other stages write, less the dataset itself.
+  mapfile -t inputs < <(python - "$stage" <<'EOF'
+import sys
+import yaml
+stages = yaml.safe_load(open("dvc.yaml", encoding="utf-8"))["stages"]
+outs = {o if isinstance(o, str) else next(iter(o)) for s in stages.values() for o in s.get("outs", [])}
+for d in stages[sys.argv[1]].get("deps", []):
+    if d in outs and d != "data/curated":
+        print(d)
+EOF
+  )
+  if [ "${#inputs[@]}" -gt 0 ]; then
+    dvc pull -r "$remote" --allow-missing "${inputs[@]}"
+  fi
+  exec python -m vaeft stage exec "$stage" --data "$VAEFT_DATA_URL"
+fi
 
 # The stage's own outputs come too: if the remote already has them, the stage is current.
 dvc pull -r "$remote" --allow-missing --with-deps "$stage"

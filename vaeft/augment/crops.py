@@ -17,10 +17,6 @@ from PIL import Image
 
 from vaeft.config import AugmentParams
 
-# Draft-decode JPEGs to at least this multiple of the size the crop needs: Lanczos from 2x
-# keeps the result within ~50 dB of decoding at full resolution (measured in BENCHMARKS.md).
-DRAFT_OVERSAMPLE = 2.0
-
 
 class ImageTooSmall(ValueError):
     pass
@@ -90,21 +86,73 @@ def sample_spec(width: int, height: int, params: AugmentParams, rng: np.random.G
     return CropSpec(scale, left, top, region, angle, rot90, hflip, vflip)
 
 
-def _draft(img: Image.Image, spec: CropSpec) -> float:
-    """Decode a JPEG at the smallest DCT scale still >= 2x what the crop needs; returns the factor."""
-    if img.format != "JPEG" or spec.scale >= 1.0 / DRAFT_OVERSAMPLE:
+def _draft(img: Image.Image, scale: float, oversample: float) -> float:
+    """Decode a JPEG at the smallest DCT scale still >= ``oversample`` x the size ``scale`` needs;
+    returns the factor (1, 1/2, 1/4 or 1/8)."""
+    if img.format != "JPEG" or scale >= 1.0 / oversample:
         return 1.0
     w, h = img.size
-    want = (math.ceil(w * spec.scale * DRAFT_OVERSAMPLE), math.ceil(h * spec.scale * DRAFT_OVERSAMPLE))
-    img.draft("RGB", want)
+    img.draft("RGB", (math.ceil(w * scale * oversample), math.ceil(h * scale * oversample)))
     return img.size[0] / w
+
+
+def _rows_needed(spec: CropSpec, factor: float) -> int:
+    """Rows of a (draft-)decoded image, from the top, that rendering ``spec`` reads."""
+    bottom = (spec.top + spec.source_side) * factor
+    if spec.scale == 1.0 and factor == 1.0:
+        return math.ceil(bottom)
+    return math.ceil(bottom) + lanczos_margin(spec.scale / factor)
+
+
+def _decode_top(img: Image.Image, rows: int) -> Image.Image:
+    """The top ``rows`` rows of a baseline JPEG, stopping the decoder there.
+
+    libjpeg emits scanlines top to bottom and never revisits one, so they equal the full decode's
+    (``tests/test_augment.py``); the entropy decode and IDCT of the rows below are skipped.
+    Ending early makes libjpeg's finish step report too few scanlines read: that status is the
+    expected one here, while a stream that runs out before ``rows`` is an error as in a full load.
+    """
+    w, h = img.size
+    if rows >= h or len(img.tile) != 1 or img.tile[0][0] != "jpeg":
+        img.load()
+        return img
+    name, _, offset, args = img.tile[0][:4]
+    decoder = Image._getdecoder(img.mode, name, args, img.decoderconfig)
+    core = Image.core.new(img.mode, (w, rows))
+    decoder.setimage(core, (0, 0, w, rows))
+    fp = img.fp
+    fp.seek(offset)
+    try:
+        consumed, err = decoder.decode(fp.read())
+    finally:
+        decoder.cleanup()
+    if consumed >= 0:  # the decoder asked for more bytes than the file has
+        raise OSError("image file is truncated")
+    if err not in (-1, -2):
+        raise OSError(f"decoder error {err} when reading image file")
+    return Image.Image()._new(core)
+
+
+def decode_jpeg(img: Image.Image, specs: list[CropSpec], params: AugmentParams) -> tuple[Image.Image, float]:
+    """Decode a JPEG once for every crop in ``specs``: the coarsest DCT scale all of them allow
+    (``augment.jpeg_draft``), and only down to the lowest row any of them reads. Returns the RGB
+    image and its factor; which image a crop is rendered from depends on ``specs`` only."""
+    factor = _draft(img, max(s.scale for s in specs), params.jpeg_draft_oversample) if params.jpeg_draft else 1.0
+    if params.jpeg_draft and img.format == "JPEG":
+        img = _decode_top(img, max(_rows_needed(s, factor) for s in specs))
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    return img, factor
 
 
 def render(img: Image.Image, spec: CropSpec, params: AugmentParams) -> np.ndarray:
     """The crop of ``img`` described by ``spec``, as CHW uint8 of exactly crop_size x crop_size."""
-    factor = _draft(img, spec) if params.jpeg_draft else 1.0
-    if img.mode != "RGB":
-        img = img.convert("RGB")
+    decoded, factor = decode_jpeg(img, [spec], params)
+    return render_decoded(decoded, factor, spec, params)
+
+
+def render_decoded(img: Image.Image, factor: float, spec: CropSpec, params: AugmentParams) -> np.ndarray:
+    """:func:`render` from an image :func:`decode_jpeg` returned (at DCT scale ``factor``)."""
     side = spec.source_side
     box = (spec.left * factor, spec.top * factor, (spec.left + side) * factor, (spec.top + side) * factor)
     if spec.scale == 1.0 and factor == 1.0:

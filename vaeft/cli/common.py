@@ -55,6 +55,25 @@ def require(path: Path, what: str) -> Path:
     return path
 
 
+def require_data(data: str) -> str | Path:
+    """A curated dataset given as a directory or a URL (``s3://bucket/prefix``): its manifest must exist."""
+    from vaeft.data.manifest import is_url, manifest_location
+
+    if not is_url(data):
+        return require(Path(data), "data directory")
+    import fsspec
+
+    where = manifest_location(data)
+    try:
+        fs, path = fsspec.core.url_to_fs(where)
+        found = fs.exists(path)
+    except (OSError, ValueError, ImportError) as exc:
+        raise UsageError(f"cannot reach the dataset {data}: {' '.join(str(exc).split())[:200]}") from None
+    if not found:
+        raise UsageError(f"no manifest at {where} (curate the dataset and upload it there first)")
+    return data
+
+
 # The arguments of the running command (set by ``vaeft.cli.main``).
 invocation_argv: list[str] = []
 

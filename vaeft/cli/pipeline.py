@@ -76,12 +76,15 @@ def stage_list(repo: RepoOpt = Path(".")) -> None:
 def stage_exec(
     stage: Annotated[str, typer.Argument(help="stage name in dvc.yaml")],
     repo: RepoOpt = Path("."),
+    data: Annotated[str | None, typer.Option(help="dataset URL (s3://bucket/prefix) replacing the command's --data")] = None,
 ) -> None:
     """Run one stage's command in the repo root with no DVC bookkeeping (multi-node followers)."""
     from vaeft.errors import STATUS_FILE_ENV
     from vaeft.train.launch import exit_status
 
     cmds, cwd = stage_commands(repo, stage)
+    if data is not None:
+        cmds = [_with_data(cmd, data, stage) for cmd in cmds]
     env = _env()
     for cmd in cmds:
         typer.secho(f"stage {stage}: {cmd}", err=True, dim=True)
@@ -89,6 +92,16 @@ def stage_exec(
         if code:
             # The command's own vaeft wrote the status file (if asked); keep its detail.
             raise ChildExit(code, _read_status(env.get(STATUS_FILE_ENV)))
+
+
+def _with_data(cmd: str, data: str, stage: str) -> str:
+    import shlex
+
+    words = shlex.split(cmd)
+    if "--data" not in words[:-1]:
+        raise UsageError(f"stage {stage}'s command has no --data to replace: {cmd}")
+    words[words.index("--data") + 1] = data
+    return shlex.join(words)
 
 
 def _read_status(path: str | None) -> dict:

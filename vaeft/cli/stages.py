@@ -18,6 +18,7 @@ from vaeft.cli.common import (
     named_paths,
     relaunch_if_asked,
     require,
+    require_data,
 )
 from vaeft.config import Params
 
@@ -96,7 +97,8 @@ def _source_kind(given: str) -> str:
 @app.command()
 def pretrain(
     params: ParamsOpt = DEFAULT_PARAMS_FILE,
-    data: Annotated[Path, typer.Option(help="curated data directory")] = Path("data/curated"),
+    data: Annotated[str, typer.Option(help="curated data directory, or its URL (s3://bucket/prefix; shards are "
+                                             "fetched into $VAEFT_SHARD_CACHE)")] = "data/curated",
     out: Annotated[Path, typer.Option("--out", "-o", help="output diffusers folder")] = Path("models/base"),
     log: Annotated[Path | None, typer.Option(help="training log CSV (DVC plot); its loss curve is drawn beside it as .png")] = None,
     state_dir: Annotated[Path, typer.Option(help="resumable training state (outside DVC outputs)")] = Path(".vaeft/state"),
@@ -112,7 +114,7 @@ def pretrain(
     from vaeft.train.engine import check_outputs, prepare_base
 
     p = load(params)
-    require(data, "data directory")
+    data = require_data(data)
     check_outputs(out, log, [data, p.model.base, crops], force)  # before any training, once
     if p.model.base is None:  # importing a base is one process's work
         relaunch_if_asked()
@@ -130,7 +132,8 @@ def train(
     phase: Annotated[FinetunePhase, typer.Argument(help="fine-tune phase (the base model: `vaeft pretrain`)")],
     init: Annotated[Path, typer.Option(help="model to start from (diffusers folder or LDM file)")],
     params: ParamsOpt = DEFAULT_PARAMS_FILE,
-    data: Annotated[Path, typer.Option(help="curated data directory")] = Path("data/curated"),
+    data: Annotated[str, typer.Option(help="curated data directory, or its URL (s3://bucket/prefix; shards are "
+                                             "fetched into $VAEFT_SHARD_CACHE)")] = "data/curated",
     out: Annotated[Path | None, typer.Option("--out", "-o", help="output diffusers folder [models/ft-PHASE]")] = None,
     log: Annotated[Path | None, typer.Option(help="training log CSV (DVC plot); its loss curve is drawn beside it as .png")] = None,
     state_dir: Annotated[Path, typer.Option(help="resumable training state (outside DVC outputs)")] = Path(".vaeft/state"),
@@ -150,7 +153,7 @@ def train(
 
     phase = phase.value
     p = load(params)
-    require(data, "data directory")
+    data = require_data(data)
     require(init, "init model")
     out = out or Path(f"models/ft-{phase}")
     check_outputs(out, log, [data, init, crops], force)  # before any training, once

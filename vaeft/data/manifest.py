@@ -7,6 +7,8 @@ root), ``size`` bytes from byte ``offset``, so any image is read with one seek (
 
 from __future__ import annotations
 
+import hashlib
+
 import io
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -16,6 +18,7 @@ import pyarrow.parquet as pq
 
 from vaeft import atomic
 from vaeft.errors import VaeftError
+from vaeft.hashing import file_sha256
 
 MANIFEST_FILE = "manifest.parquet"
 SPLITS = ("train", "eval")
@@ -54,6 +57,13 @@ _SCHEMA = pa.schema(
 
 def is_url(path: str | Path) -> bool:
     return "://" in str(path)
+
+
+def manifest_sha256(root: str | Path, storage_options: dict | None = None) -> str:
+    """Digest of a dataset's manifest bytes, the same for a local copy and for its URL."""
+    if is_url(manifest_location(root)):
+        return hashlib.sha256(read_manifest_bytes(root, storage_options)).hexdigest()
+    return file_sha256(manifest_location(root))
 
 
 def write_manifest(path: str | Path, rows: list[ManifestRow]) -> None:

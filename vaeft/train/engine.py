@@ -28,7 +28,7 @@ from vaeft import atomic, provenance
 from vaeft.config import Params, TrainPhaseParams
 from vaeft.console import banner, console, progress
 from vaeft.data.loader import train_batches
-from vaeft.data.manifest import MANIFEST_FILE
+from vaeft.data.manifest import is_url, manifest_sha256
 from vaeft.data.materialize import INDEX_FILE, has_crops
 from vaeft.errors import VaeftError
 from vaeft.hashing import tree_sha256
@@ -153,7 +153,7 @@ def build_loss(cfg: TrainPhaseParams) -> ReconstructionLoss:
 def check_outputs(out_dir: str | Path, log_file: str | Path | None, inputs: list[str | Path | None],
                   force: bool = False) -> None:
     """Refuse, before any training, an ``out_dir`` or log that would destroy something else."""
-    ins = [p for p in inputs if p is not None]
+    ins = [p for p in inputs if p is not None and not is_url(p)]  # a URL cannot be overwritten from here
     atomic.check_dir_target(out_dir, "model", force=force, inputs=ins)
     if log_file is not None:
         atomic.check_file_target(log_file, (".csv",), force=force, inputs=ins)
@@ -188,14 +188,15 @@ def train_phase(
         try:
             # Rank 0 writes the output and the state: it alone holds the lock, for the whole run.
             with StateLock(state, out_dir) if ctx.is_main else contextlib.nullcontext():
-                return _train(phase, params, cfg, ctx, Path(data_dir), Path(out_dir), init,
+                return _train(phase, params, cfg, ctx, data_dir if is_url(data_dir) else Path(data_dir),
+                              Path(out_dir), init,
                               Path(log_file) if log_file is not None else None, state,
                               Path(crops_dir) if crops_dir is not None else None, force, fresh)
         finally:
             dist_.shutdown(ctx)
 
 
-def _train(phase: str, params: Params, cfg: TrainPhaseParams, ctx: dist_.DistContext, data_dir: Path,
+def _train(phase: str, params: Params, cfg: TrainPhaseParams, ctx: dist_.DistContext, data_dir: str | Path,
            out_dir: Path, init: str | Path | None, log_file: Path | None, state: Path,
            crops_dir: Path | None, force: bool = False, fresh: bool = False) -> TrainResult:
     main = ctx.is_main
@@ -225,10 +226,11 @@ def _train(phase: str, params: Params, cfg: TrainPhaseParams, ctx: dist_.DistCon
         run_config(
             phase=phase,
             train=cfg.model_dump(mode="json"),
-            augment=params.augment.model_dump(mode="json"),
+            augment=params.augment.resume_key(),
             seed=params.seed,
             init=init_digest,
-            data=tree_sha256(data_dir / MANIFEST_FILE),
+            # The manifest's bytes: a run may resume from a local copy of a remote dataset or back.
+            data=manifest_sha256(data_dir),
             crops=tree_sha256(Path(crops_dir) / INDEX_FILE) if has_crops(crops_dir) else None,
             world_size=ctx.world_size,
         ),

@@ -121,7 +121,7 @@ def _duration(seconds: float) -> str:
 class ReconstructionGrids:
     """PNG grids of fixed eval images and their reconstructions into ``<log>-images/``."""
 
-    def __init__(self, log_file: Path, data_dir: Path, size: int, count: int) -> None:
+    def __init__(self, log_file: Path, data_dir: str | Path, size: int, count: int) -> None:
         self.dir = log_file.with_name(log_file.stem + "-images")
         self.originals = eval_images(data_dir, size)[1][:count]
 
