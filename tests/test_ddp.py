@@ -100,7 +100,9 @@ def test_two_ranks_at_batch_b_step_as_one_rank_at_2b(tmp_path, base_model):
     global batch's), 2 accumulated micro-batches, GAN on."""
     import torch.multiprocessing as mp
 
-    ctx = mp.get_context("fork")  # the parent's imports are reused: seconds, not a cold start
+    # spawn, not fork: a forked xdist worker (execnet, Prefect and Dask threads in the parent) exited
+    # 1 with no traceback in a full run, though the test passed alone; spawn costs two cold starts.
+    ctx = mp.get_context("spawn")
     procs = [ctx.Process(target=_rank_main, args=(r, base_model, str(tmp_path / "init"), tmp_path)) for r in range(2)]
     for p in procs:
         p.start()
