@@ -127,11 +127,11 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     _run["passed"] = session.exitstatus in (pytest.ExitCode.OK, pytest.ExitCode.NO_TESTS_COLLECTED)
 
 
-# xdist hands whole files to the two workers in collection order, two to each at the start, then
+# xdist hands whole files to the workers in collection order, two to each at the start, then
 # one to whichever is free. Longest first (the classic longest-processing-time order) keeps one
-# worker from being handed a long file at the very end while the other sits idle. The pipeline
+# worker from being handed a long file at the very end while the others sit idle. The pipeline
 # test goes first with a short file behind it (the second of its worker's opening pair), so the
-# other worker starts on the next longest. Seconds: quiet 2-core machine, 2026-12-02.
+# other workers start on the next longest. Seconds: quiet 2-core machine, 2026-12-02.
 _FILE_SECONDS = {
     "tests/test_pipeline.py": 185, "tests/test_lint.py": 0,
     "tests/test_train.py": 60, "tests/test_bench.py": 40, "tests/test_worker.py": 30,
