@@ -8,10 +8,11 @@ one-line error that names the key and the bad value (:class:`ParamsError`).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -27,6 +28,16 @@ from pydantic import (
 from vaeft.errors import VaeftError
 
 DEFAULT_PARAMS_FILE = Path("params.yaml")
+
+
+def _betas_in_range(v: tuple[float, float]) -> tuple[float, float]:
+    if not all(0.0 <= b < 1.0 for b in v):
+        raise ValueError("betas must each be in [0, 1)")
+    return v
+
+
+# Adam's (beta1, beta2), each in [0, 1): one type for every optimiser's betas.
+Betas = Annotated[tuple[float, float], AfterValidator(_betas_in_range)]
 
 
 class ParamsError(VaeftError, ValueError):
@@ -290,7 +301,7 @@ class GanParams(_Strict):
     n_layers: PositiveInt = 3
     # None: the generator's lr and betas.
     lr: PositiveFloat | None = None
-    betas: tuple[float, float] | None = None
+    betas: Betas | None = None
     gp_weight: NonNegativeFloat = 10.0  # wgan-gp only
     # Where D starts. "fresh": N(0, 0.02) as taming. "from-base": D (and its Adam moments, where
     # kept) from --init: a phase output's discriminator.safetensors, or an LDM training
@@ -308,7 +319,7 @@ class TrainPhaseParams(_Strict):
     batch_size: PositiveInt = 8
     accumulate: PositiveInt = 1
     lr: PositiveFloat = 1e-4
-    betas: tuple[float, float] = (0.5, 0.9)
+    betas: Betas = (0.5, 0.9)
     weight_decay: NonNegativeFloat = 0.0
     # Max L2 norm of the generator's gradient; None: no clipping (LDM's trainer never clips, so the
     # LDM-faithful recipes set null). The default 1.0 stays a guard for from-scratch pretraining
@@ -345,13 +356,6 @@ class TrainPhaseParams(_Strict):
     image_count: PositiveInt = 4
     num_workers: NonNegativeInt = 0
 
-    @field_validator("betas")
-    @classmethod
-    def _betas_in_range(cls, v: tuple[float, float]) -> tuple[float, float]:
-        if not all(0.0 <= b < 1.0 for b in v):
-            raise ValueError("betas must each be in [0, 1)")
-        return v
-
     @model_validator(mode="after")
     def _gan_fits(self) -> TrainPhaseParams:
         if self.gan is not None and self.gan.kind == "patchgan" and self.batch_size < 2:
@@ -376,7 +380,7 @@ class Fp16PhaseParams(_Strict):
     steps: PositiveInt = 200
     batch_size: PositiveInt = 8
     lr: PositiveFloat = 1e-4
-    betas: tuple[float, float] = (0.5, 0.9)
+    betas: Betas = (0.5, 0.9)
     grad_clip: PositiveFloat | None = 1.0
     # Matching the teacher's reconstruction. LPIPS (loss.lpips > 0) is used when its backbone is in
     # the weight store and skipped with a warning when not: the pixel terms alone already pin the
@@ -396,13 +400,6 @@ class Fp16PhaseParams(_Strict):
     # teacher's (PSNR in dB on the check images): an fp16-safe decoder that got worse is no fix.
     min_teacher_psnr: NonNegativeFloat = 35.0
     log_every: PositiveInt = 10
-
-    @field_validator("betas")
-    @classmethod
-    def _betas_in_range(cls, v: tuple[float, float]) -> tuple[float, float]:
-        if not all(0.0 <= b < 1.0 for b in v):
-            raise ValueError("betas must each be in [0, 1)")
-        return v
 
     @model_validator(mode="after")
     def _decoder_terms_only(self) -> Fp16PhaseParams:
