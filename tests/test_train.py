@@ -151,14 +151,9 @@ def test_resume_after_sigkill_is_bit_exact(tmp_path, curated, base_model):
     assert (tmp_path / "a" / WEIGHTS).read_bytes() == (tmp_path / "b" / WEIGHTS).read_bytes()
 
 
-def test_explosion_at_step_k_rolls_back_and_fails(tmp_path, curated, base_model):
-    """Step k's update uses lr 1e30 (its own loss is finite): the run stops there with one line naming
-    the step and a checkpoint written before it that still exists, deletes none of the earlier ones,
-    keeps only sane weights and EMA, and writes no model."""
-    k = 5  # 0-based: the 6th step; checkpoints at steps 2 and 4 are before it
-    raw = tiny_params_dict()
-    raw["train"]["ema"].update(steps=8, checkpoint_every=2, keep_checkpoints=10, grad_clip=None)
-    params = parse_params(raw)
+def _diverge_at(k: int, params, curated, base_model, tmp_path) -> tuple[DivergedError, int]:
+    """Train ema with optimizer step k's lr at 1e30 (0-based; its own loss is finite); returns the
+    divergence error and how many optimizer steps ran."""
     calls = {"n": 0}
 
     def huge_lr(opt, args, kwargs):
@@ -171,7 +166,18 @@ def test_explosion_at_step_k_rolls_back_and_fails(tmp_path, curated, base_model)
             train_phase("ema", params, curated, tmp_path / "out", init=base_model, state_root=tmp_path / "state")
     finally:
         handle.remove()
-    message = str(err.value)
+    return err.value, calls["n"]
+
+
+def test_explosion_at_step_k_rolls_back_and_fails(tmp_path, curated, base_model):
+    """Step k's update uses lr 1e30 (its own loss is finite): the run stops there with one line naming
+    the step and a checkpoint written before it that still exists, deletes none of the earlier ones,
+    keeps only sane weights and EMA, and writes no model."""
+    k = 5  # 0-based: the 6th step; checkpoints at steps 2 and 4 are before it
+    raw = tiny_params_dict()
+    raw["train"]["ema"].update(steps=8, checkpoint_every=2, keep_checkpoints=10, grad_clip=None)
+    err, calls = _diverge_at(k, parse_params(raw), curated, base_model, tmp_path)
+    message = str(err)
     kept = state_dir(tmp_path / "state", "ema", tmp_path / "out") / "step-000000004.pt"
     assert "weight" in message.split(";")[0]  # found in the weights it wrote, before any non-finite loss
     assert "\n" not in message and f"diverged at step {k + 1} (" in message and str(kept) in message
@@ -244,19 +250,7 @@ def test_deferred_checks_stop_within_log_every_steps(tmp_path, curated, base_mod
     k, log_every = 4, 4  # 0-based: the 5th step; judged at step 8
     raw = tiny_params_dict()
     raw["train"]["ema"].update(steps=16, log_every=log_every, checkpoint_every=100, grad_clip=None)
-    params = parse_params(raw)
-    calls = {"n": 0}
-
-    def huge_lr(opt, args, kwargs):
-        calls["n"] += 1
-        opt.param_groups[0]["lr"] = 1e30 if calls["n"] == k + 1 else params.train.ema.lr
-
-    handle = register_optimizer_step_pre_hook(huge_lr)
-    try:
-        with pytest.raises(DivergedError) as err:
-            train_phase("ema", params, curated, tmp_path / "out", init=base_model, state_root=tmp_path / "state")
-    finally:
-        handle.remove()
-    assert f"diverged at step {k + 1} (" in str(err.value)
-    assert k + 1 < calls["n"] <= (k // log_every + 1) * log_every
+    err, calls = _diverge_at(k, parse_params(raw), curated, base_model, tmp_path)
+    assert f"diverged at step {k + 1} (" in str(err)
+    assert k + 1 < calls <= (k // log_every + 1) * log_every
     assert not list((tmp_path / "state").rglob("step-*.pt")) and not (tmp_path / "out").exists()
