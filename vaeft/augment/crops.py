@@ -5,6 +5,7 @@ sample index), so a sample is the same crop on any machine, with any worker coun
 resume. Rendering only resamples the region the crop needs (Pillow's ``resize(box=...)``),
 which equals resizing the whole image and then cropping, at a fraction of the cost; JPEGs are
 also decoded at a reduced DCT scale (draft mode) when the crop is a strong downscale.
+``augment.resampler: torch`` swaps the Lanczos filter for torch's antialiased uint8 bicubic.
 """
 
 from __future__ import annotations
@@ -137,7 +138,10 @@ def decode_jpeg(img: Image.Image, specs: list[CropSpec], params: AugmentParams) 
     """Decode a JPEG once for every crop in ``specs``: the coarsest DCT scale all of them allow
     (``augment.jpeg_draft``), and only down to the lowest row any of them reads. Returns the RGB
     image and its factor; which image a crop is rendered from depends on ``specs`` only."""
-    factor = _draft(img, max(s.scale for s in specs), params.jpeg_draft_oversample) if params.jpeg_draft else 1.0
+    # torch's kernel places output pixels at (i + 0.5) / scale from an integer origin: a crop's
+    # origin in a DCT-scaled image is fractional, so the torch resampler reads full resolution.
+    draft = params.jpeg_draft and params.resampler == "pillow"
+    factor = _draft(img, max(s.scale for s in specs), params.jpeg_draft_oversample) if draft else 1.0
     if params.jpeg_draft and img.format == "JPEG":
         img = _decode_top(img, max(_rows_needed(s, factor) for s in specs))
     if img.mode != "RGB":
@@ -157,6 +161,11 @@ def render_decoded(img: Image.Image, factor: float, spec: CropSpec, params: Augm
     box = (spec.left * factor, spec.top * factor, (spec.left + side) * factor, (spec.top + side) * factor)
     if spec.scale == 1.0 and factor == 1.0:
         region = img.crop(tuple(int(v) for v in box))  # exact source pixels, no resampling
+    elif params.resampler == "torch":  # factor is 1 (decode_jpeg): integer origin
+        m = lanczos_margin(spec.scale)
+        x1, y1 = min(img.width, math.ceil(spec.left + side) + m), min(img.height, math.ceil(spec.top + side) + m)
+        sub = np.asarray(img.crop((spec.left, spec.top, x1, y1)))
+        return _finish(_resize_torch(sub, spec.scale, spec.region), spec, params)
     else:
         region = img.resize((spec.region, spec.region), Image.LANCZOS, box=box, reducing_gap=params.reducing_gap)
     return _finish(region, spec, params)
@@ -184,6 +193,9 @@ def render_array(pixels: np.ndarray, spec: CropSpec, params: AugmentParams) -> n
         region = Image.fromarray(np.ascontiguousarray(pixels[spec.top:spec.top + s, spec.left:spec.left + s]))
         return _finish(region, spec, params)
     m = lanczos_margin(spec.scale)
+    if params.resampler == "torch":
+        sub = pixels[spec.top:min(h, math.ceil(spec.top + side) + m), spec.left:min(w, math.ceil(spec.left + side) + m)]
+        return _finish(_resize_torch(sub, spec.scale, spec.region), spec, params)
     x0, y0 = max(0, spec.left - m), max(0, spec.top - m)
     x1, y1 = min(w, math.ceil(spec.left + side) + m), min(h, math.ceil(spec.top + side) + m)
     sub = Image.fromarray(np.ascontiguousarray(pixels[y0:y1, x0:x1]))
@@ -192,9 +204,27 @@ def render_array(pixels: np.ndarray, spec: CropSpec, params: AugmentParams) -> n
     return _finish(region, spec, params)
 
 
-def _finish(region: Image.Image, spec: CropSpec, params: AugmentParams) -> np.ndarray:
-    """Rotation, quarter turns and flips of a rendered region; CHW uint8."""
+def _resize_torch(sub: np.ndarray, scale: float, side: int) -> np.ndarray:
+    """Antialiased bicubic downscale by ``scale`` of HWC uint8 ``sub`` (origin: the crop's corner;
+    extra rows/columns beyond the crop only feed the kernel) to ``side`` x ``side``.
+
+    The explicit scale, not the size ratio, sets the sampling grid, so output pixel i is centred
+    at (i + 0.5) / scale as in Pillow's box resize; the kernel has no context above or left of the
+    origin (it renormalises there), which is where it differs most from the Lanczos path.
+    """
+    import torch
+
+    # A copy: the source is read-only (memory map, Pillow buffer), which torch warns about.
+    t = torch.from_numpy(np.array(sub)).permute(2, 0, 1).unsqueeze(0)  # channels-last: the SIMD path
+    out = torch.ops.aten._upsample_bicubic2d_aa(t, [side, side], False, scale, scale)
+    return out[0].permute(1, 2, 0).numpy()
+
+
+def _finish(region: Image.Image | np.ndarray, spec: CropSpec, params: AugmentParams) -> np.ndarray:
+    """Rotation, quarter turns and flips of a rendered region (image or HWC uint8); CHW uint8."""
     if spec.angle:
+        if isinstance(region, np.ndarray):
+            region = Image.fromarray(region)
         crop = params.crop_size
         region = region.rotate(spec.angle, resample=Image.BICUBIC)
         off = (spec.region - crop) // 2
