@@ -248,13 +248,15 @@ def test_training_from_a_remote_dataset_fingerprints_the_remote_manifest(tmp_pat
 def test_torch_resampler_is_the_same_from_jpeg_bytes_and_pixels_and_near_lanczos():
     """``resampler: torch``: the JPEG path (full-resolution top rows) and the pixel path give the
     same crops, repeatably, within 42 dB of Pillow's Lanczos; the default run's resume key is unchanged."""
-    from vaeft.augment.crops import render, render_array, sample_rng, sample_spec
+    from vaeft.augment.crops import _rgbx_view, render, render_array, sample_rng, sample_spec
     from vaeft.metrics.psnr import psnr
 
     arr = photo(3, (640, 480))
     data = _jpeg(arr)
     with Image.open(io.BytesIO(data)) as whole:
         pixels = np.asarray(whole.convert("RGB"))
+        # The JPEG path reads the decoded image's memory in place (no row packing).
+        assert np.array_equal(_rgbx_view(whole.convert("RGB"))[..., :3], pixels)
     fast, exact = AugmentParams(crop_size=96, resampler="torch", max_angle=10.0), AugmentParams(crop_size=96, max_angle=10.0)
     dbs = []
     for i in range(16):

@@ -164,7 +164,8 @@ def render_decoded(img: Image.Image, factor: float, spec: CropSpec, params: Augm
     elif params.resampler == "torch":  # factor is 1 (decode_jpeg): integer origin
         m = lanczos_margin(spec.scale)
         x1, y1 = min(img.width, math.ceil(spec.left + side) + m), min(img.height, math.ceil(spec.top + side) + m)
-        sub = np.asarray(img.crop((spec.left, spec.top, x1, y1)))
+        whole = _rgbx_view(img)
+        sub = np.asarray(img.crop((spec.left, spec.top, x1, y1))) if whole is None else whole[spec.top:y1, spec.left:x1]
         return _finish(_resize_torch(sub, spec.scale, spec.region), spec, params)
     else:
         region = img.resize((spec.region, spec.region), Image.LANCZOS, box=box, reducing_gap=params.reducing_gap)
@@ -204,8 +205,28 @@ def render_array(pixels: np.ndarray, spec: CropSpec, params: AugmentParams) -> n
     return _finish(region, spec, params)
 
 
+def _rgbx_view(img: Image.Image) -> np.ndarray | None:
+    """An RGB image's pixel memory as H x W x 4 uint8 (RGB + padding), without a copy, or None.
+
+    Pillow's own array conversion packs every row into a new buffer (~5 ns a pixel: more than
+    torch's resize of a region); its Arrow export (Pillow >= 11.2) shares the memory when the
+    image is one block (up to ~16 MB by default, e.g. 2 MP), else None: the caller copies.
+    """
+    if img.mode != "RGB" or not hasattr(img, "__arrow_c_array__"):
+        return None
+    import pyarrow as pa
+
+    try:
+        arr = pa.array(img)
+    except ValueError:  # rows in several blocks
+        return None
+    w, h = img.size
+    return np.frombuffer(arr.buffers()[-1], dtype=np.uint8, count=w * h * 4).reshape(h, w, 4)
+
+
 def _resize_torch(sub: np.ndarray, scale: float, side: int) -> np.ndarray:
-    """Antialiased bicubic downscale by ``scale`` of HWC uint8 ``sub`` (origin: the crop's corner;
+    """Antialiased bicubic downscale by ``scale`` of HWC uint8 ``sub`` (3 or 4 channels, the 4th
+    dropped; origin: the crop's corner;
     extra rows/columns beyond the crop only feed the kernel) to ``side`` x ``side``.
 
     The explicit scale, not the size ratio, sets the sampling grid, so output pixel i is centred
@@ -217,7 +238,7 @@ def _resize_torch(sub: np.ndarray, scale: float, side: int) -> np.ndarray:
     # A copy: the source is read-only (memory map, Pillow buffer), which torch warns about.
     t = torch.from_numpy(np.array(sub)).permute(2, 0, 1).unsqueeze(0)  # channels-last: the SIMD path
     out = torch.ops.aten._upsample_bicubic2d_aa(t, [side, side], False, scale, scale)
-    return out[0].permute(1, 2, 0).numpy()
+    return out[0, :3].permute(1, 2, 0).numpy()
 
 
 def _finish(region: Image.Image | np.ndarray, spec: CropSpec, params: AugmentParams) -> np.ndarray:
