@@ -191,7 +191,7 @@ class AugmentParams(_Strict):
     # 1.5 ~40% more at >= 49.5 dB (but ~41 dB for 64 crops of 0.6 MP images).
     reducing_gap: float | None = Field(default=None, ge=1.0)
     # Downscale filter. "pillow": Pillow's Lanczos (the exact path). "torch": torch's antialiased
-    # bicubic on uint8 (SIMD, no extra dependency; ~5x faster resampling), a different filter:
+    # bicubic on uint8 (SIMD, no extra dependency; ~7x faster resampling), a different filter:
     # 96 crops of 256 from 2 MP JPEGs are min 44.8 / median 53.4 dB from the Lanczos ones, lowest along
     # the top and left edges (BENCHMARKS.md, issue 16). JPEGs are then decoded at full
     # resolution (top rows only): torch's kernel has no sub-pixel origin for a DCT-scaled image.
