@@ -79,6 +79,8 @@ def test_evaluate_from_the_pinned_remote_equals_evaluate_from_the_local_copy(tmp
     evaluate_models(parse_params(raw).evaluate, curated, {"m": base_model}, tmp_path / "local.json",
                     tmp_path / "local")
     runner = CliRunner()
+    done = runner.invoke(app, ["data", "pin", url, "--out", "local.json"])  # the metrics file: not a pin
+    assert "refusing to replace local.json: it is not a dataset pin" in str(done.exception)
     done = runner.invoke(app, ["data", "pin", url, "--out", "remote.json"])
     assert done.exit_code == 0, done.output
     done = runner.invoke(app, ["evaluate", "-m", f"m={base_model}", "--data", "remote.json",

@@ -394,6 +394,8 @@ def use_data(repo: str | Path, data: str) -> list[str]:
 
     repo = Path(repo)
     data = PurePosixPath(data).as_posix()
+    if PurePosixPath(data).is_absolute() or ".." in PurePosixPath(data).parts:
+        raise StageDepsError(f"{data}: name the pin relative to the repository root (dvc.yaml's paths are)")
     if data != LOCAL_DATA and not is_pin(repo / data):
         raise StageDepsError(f"{data}: expected {LOCAL_DATA} or a pin file in {repo} (`vaeft data pin URL --out FILE`)")
     yml, doc = _load_dvc_yaml(repo)

@@ -130,7 +130,11 @@ def pin_dataset(url: str, out: str | Path, *, local: str | Path | None = None,
     out = Path(out)
     atomic.check_file_target(out, (".json",), force=force, inputs=[local] if local else [])
     if out.exists() and not force:
-        load_pin(out)  # refuses to replace a JSON file that is not a pin
+        try:
+            load_pin(out)
+        except PinError:
+            raise atomic.OutputRefusedError(f"refusing to replace {out}: it is not a dataset pin "
+                                            "(pass --force to replace it)") from None
     manifest = _read_remote(f"{url}/{MANIFEST_FILE}", storage_options)
     rows = parse_manifest(manifest, f"{url}/{MANIFEST_FILE}")
     if local is not None and (Path(local) / MANIFEST_FILE).read_bytes() != manifest:
