@@ -21,7 +21,7 @@ runner = CliRunner()
 COMMANDS = [[], ["curate"], ["pretrain"], ["train"], ["evaluate"], ["export"], ["publish"], ["augment"], ["augment", "preview"], ["augment", "materialize"],
             ["params"], ["params", "check"], ["params", "show"], ["recipe"], ["recipe", "list"], ["recipe", "apply"],
             ["convert"], ["check-fp16"], ["weights"], ["weights", "pull"], ["weights", "list"], ["weights", "add"],
-            ["metrics"], ["data"], ["data", "coco-val"], ["data", "prepare"]]
+            ["metrics"], ["data"], ["data", "coco-val"], ["data", "prepare"], ["data", "pin"], ["data", "use"]]
 
 
 @pytest.mark.parametrize("cmd", COMMANDS, ids=lambda c: " ".join(c) or "vaeft")

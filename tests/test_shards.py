@@ -206,8 +206,9 @@ def test_crops_per_image_and_shard_shuffle_keep_batches_a_function_of_the_step(c
     assert all(g.sample(2 * j)[1]["image"] == g.sample(2 * j + 1)[1]["image"] for j in range(3))
 
 
-def test_training_from_a_remote_dataset_fingerprints_the_remote_manifest(tmp_path, curated, s3_endpoint, monkeypatch):
-    """`--data s3://...` trains from the bucket; its resume fingerprint is the manifest's bytes, as for a local copy."""
+def test_training_from_a_pinned_remote_dataset_and_a_changed_remote_is_refused(tmp_path, curated, s3_endpoint, monkeypatch):
+    """`--data s3://...` or its pin trains from the bucket (resume fingerprint: the manifest's bytes, as for a
+    local copy); a new manifest behind the pin is refused before step 1."""
     import boto3
 
     from vaeft.cli.common import UsageError, require_data
@@ -234,15 +235,37 @@ def test_training_from_a_remote_dataset_fingerprints_the_remote_manifest(tmp_pat
 
     cmd = _with_data("python -m vaeft train ema --init models/base --data data/curated --out m", url, "train-ema")
     assert cmd == f"python -m vaeft train ema --init models/base --data {url} --out m"
-    # The state a run saves is keyed by this digest: equal for the URL, the local copy, and the
-    # file hash runs saved before remote data existed.
-    assert manifest_sha256(url) == manifest_sha256(curated) == tree_sha256(curated / "manifest.parquet")
+    # What a DVC stage reads instead of the URL: a pin, hashed here from the uploaded copy; one
+    # hashed from the bucket itself is the same file.
+    from vaeft.data.pin import pin_dataset
+
+    pin = tmp_path / "remote.json"
+    pin_dataset(url, pin, local=curated)
+    pin_dataset(url, tmp_path / "streamed.json")
+    assert pin.read_bytes() == (tmp_path / "streamed.json").read_bytes()
+    assert require_data(str(pin)) == pin
+    # The state a run saves is keyed by this digest: equal for the URL, the pin, the local copy,
+    # and the file hash runs saved before remote data existed.
+    assert manifest_sha256(url) == manifest_sha256(pin) == manifest_sha256(curated) \
+        == tree_sha256(curated / "manifest.parquet")
     raw = tiny_params_dict()
     raw["train"]["pretrain"].update(steps=2, checkpoint_every=2, image_every=2)
     log = tmp_path / "log.csv"
-    result = train_phase("pretrain", parse_params(raw), url, tmp_path / "out", log_file=log, state_root=tmp_path / "s")
+    result = train_phase("pretrain", parse_params(raw), pin, tmp_path / "out", log_file=log, state_root=tmp_path / "s")
     assert result.steps == 2 and np.isfinite(result.final_loss)
     assert any((tmp_path / "cache").rglob("train-*.tar")) and any((tmp_path / "log-images").glob("step-*.png"))
+    # A new manifest at the URL (one image fewer) no longer matches the pin: refused in one line
+    # before any training, by the CLI's check and by the trainer itself.
+    from vaeft.data.manifest import write_manifest
+    from vaeft.data.pin import PinError
+
+    write_manifest(tmp_path / "changed.parquet", read_manifest(curated)[1:])
+    s3.upload_file(str(tmp_path / "changed.parquet"), "train-data", "curated/manifest.parquet")
+    with pytest.raises(PinError, match=r"no longer matches the pin .*remote.json .*vaeft data pin s3://train-data/curated"):
+        require_data(str(pin))
+    with pytest.raises(PinError, match="no longer matches"):
+        train_phase("pretrain", parse_params(raw), pin, tmp_path / "out2", state_root=tmp_path / "s2")
+    assert not (tmp_path / "out2").exists()
 
 
 def test_torch_resampler_is_the_same_from_jpeg_bytes_and_pixels_and_near_lanczos():

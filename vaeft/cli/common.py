@@ -56,9 +56,17 @@ def require(path: Path, what: str) -> Path:
 
 
 def require_data(data: str) -> str | Path:
-    """A curated dataset given as a directory or a URL (``s3://bucket/prefix``): its manifest must exist."""
+    """A curated dataset given as a directory, a URL (``s3://bucket/prefix``) or a pin file
+    (``vaeft data pin``): its manifest must exist, and through a pin be the pinned one."""
     from vaeft.data.manifest import is_url, manifest_location
+    from vaeft.data.pin import is_pin, load_pin, pinned_manifest_bytes
 
+    if is_pin(data):
+        try:
+            pinned_manifest_bytes(load_pin(data))
+        except (OSError, ImportError) as exc:
+            raise UsageError(f"cannot reach the dataset pinned in {data}: {' '.join(str(exc).split())[:200]}") from None
+        return Path(data)
     if not is_url(data):
         return require(Path(data), "data directory")
     import fsspec

@@ -364,3 +364,78 @@ def warn_missing_source_deps(params_file: str | Path) -> list[str]:
         return []
     return [f"warning: data source {path} is not a dep of dvc.yaml stage {stage!r}, so new files there will "
             f"not re-run it; fix: {FIX_COMMAND}" for stage, path in missing_source_deps(repo, params_file)]
+
+
+# ------------------------------------------------------------------------------ remote data
+
+LOCAL_DATA = "data/curated"
+# The commands that read a dataset root, a URL or a pin alike (`augment` and `export` stay local:
+# the pixel store is built where the data was curated, and the model card reads its report).
+_REMOTE_READERS = ("pretrain", "train", "evaluate")
+
+
+def _reads_data(cmd: str) -> bool:
+    words = shlex.split(cmd)
+    if "vaeft" not in words or "--data" not in words[:-1]:
+        return False
+    return words[words.index("vaeft") + 1] in _REMOTE_READERS
+
+
+def use_data(repo: str | Path, data: str) -> list[str]:
+    """Point the stages that read a dataset at ``data``: ``data/curated`` (the default) or a pin
+    file (``vaeft data pin``). Each such stage's ``--data``, its data dep and, for a pin, a
+    params dep on the pin's ``url`` and ``manifest`` (so ``dvc.lock`` states which dataset the
+    stage read). Returns the stages changed; the rest of ``dvc.yaml`` is kept as written."""
+    from ruamel.yaml.comments import CommentedMap, CommentedSeq
+    from ruamel.yaml.scalarstring import FoldedScalarString
+
+    from vaeft import atomic
+    from vaeft.data.pin import is_pin
+
+    repo = Path(repo)
+    data = PurePosixPath(data).as_posix()
+    if PurePosixPath(data).is_absolute() or ".." in PurePosixPath(data).parts:
+        raise StageDepsError(f"{data}: name the pin relative to the repository root (dvc.yaml's paths are)")
+    if data != LOCAL_DATA and not is_pin(repo / data):
+        raise StageDepsError(f"{data}: expected {LOCAL_DATA} or a pin file in {repo} (`vaeft data pin URL --out FILE`)")
+    yml, doc = _load_dvc_yaml(repo)
+    changed = []
+    for name, spec in doc["stages"].items():
+        cmd = spec.get("cmd")
+        if not isinstance(cmd, str) or not _reads_data(cmd):
+            continue
+        words = shlex.split(cmd)
+        old = words[words.index("--data") + 1]
+        pinned_before = old != LOCAL_DATA
+        if old == data:
+            continue
+        at, delta = cmd.index(f"--data {old}"), len(data) - len(old)
+        new_cmd = cmd.replace(f"--data {old}", f"--data {data}", 1)
+        if isinstance(cmd, FoldedScalarString):
+            # Keep the command's line breaks where they were (a round trip back is byte-identical).
+            folded = FoldedScalarString(new_cmd)
+            folded.fold_pos = [p if p < at else p + delta for p in getattr(cmd, "fold_pos", [])]
+            new_cmd = folded
+        spec["cmd"] = new_cmd
+        deps = spec.get("deps")
+        if isinstance(deps, CommentedSeq) and old in deps:
+            deps[deps.index(old)] = data
+        params = spec.get("params")
+        if params is None:
+            params = spec["params"] = CommentedSeq()
+        if pinned_before:
+            params[:] = [p for p in params if not (isinstance(p, dict) and old in p)]
+        if data != LOCAL_DATA:
+            entry = CommentedMap()
+            entry[data] = CommentedSeq(["url", "manifest"])
+            params.append(entry)
+        if not params:
+            del spec["params"]
+        changed.append(name)
+    if changed:
+        import io
+
+        buf = io.StringIO()
+        yml.dump(doc, buf)
+        atomic.write_text(repo / DVC_FILE, buf.getvalue())
+    return changed

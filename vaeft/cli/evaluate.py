@@ -9,7 +9,8 @@ import typer
 
 from vaeft.cli.common import ForceOpt, UsageError, app, require
 
-data_app = typer.Typer(help="Evaluation sets: download COCO 2017 val, prepare a 256x256 set.", no_args_is_help=True)
+data_app = typer.Typer(help="Datasets: pin a remote curated dataset for DVC, point the stages at it; "
+                       "evaluation sets (COCO 2017 val, a prepared 256x256 set).", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 
 
@@ -69,3 +70,30 @@ def prepare(
 
     result = prepare_eval_set(require(src, "source folder"), out, size, force=force)
     typer.echo(f"{result.out_dir} ({result.n_images} images)")
+
+
+@data_app.command("pin")
+def pin(
+    url: Annotated[str, typer.Argument(help="the curated dataset's URL (s3://bucket/prefix), uploaded whole")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="pin file to write (track it in git)")] = Path("data/remote.json"),
+    local: Annotated[Path | None, typer.Option(help="the local copy that was uploaded: hash its shards instead of "
+                                                     "downloading them")] = None,
+    force: ForceOpt = False,
+) -> None:
+    """Record a remote dataset's identity (manifest and shard sha256) in a small file DVC can track."""
+    from vaeft.data.pin import pin_dataset
+
+    result = pin_dataset(url, out, local=local and require(local, "--local folder"), force=force)
+    typer.echo(f"{out}: {result.url} (manifest sha256 {result.manifest_sha256[:12]}, {len(result.shards)} shards)")
+
+
+@data_app.command("use")
+def use(
+    data: Annotated[str, typer.Argument(help="a pin file (vaeft data pin), or data/curated for the local dataset")],
+    repo: Annotated[Path, typer.Option("--repo", help="the repository root (holds dvc.yaml)")] = Path("."),
+) -> None:
+    """Point dvc.yaml's training and evaluate stages at a pinned remote dataset, or back at data/curated."""
+    from vaeft.cli.deps import use_data
+
+    changed = use_data(repo, data)
+    typer.echo(f"dvc.yaml: {', '.join(changed)} now read {data}" if changed else f"dvc.yaml: already reads {data}")

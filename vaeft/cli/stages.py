@@ -97,8 +97,8 @@ def _source_kind(given: str) -> str:
 @app.command()
 def pretrain(
     params: ParamsOpt = DEFAULT_PARAMS_FILE,
-    data: Annotated[str, typer.Option(help="curated data directory, or its URL (s3://bucket/prefix; shards are "
-                                             "fetched into $VAEFT_SHARD_CACHE)")] = "data/curated",
+    data: Annotated[str, typer.Option(help="curated data directory, its URL (s3://bucket/prefix; shards are "
+                                             "fetched into $VAEFT_SHARD_CACHE) or a pin file (vaeft data pin)")] = "data/curated",
     out: Annotated[Path, typer.Option("--out", "-o", help="output diffusers folder")] = Path("models/base"),
     log: Annotated[Path | None, typer.Option(help="training log CSV (DVC plot); its loss curve is drawn beside it as .png")] = None,
     state_dir: Annotated[Path, typer.Option(help="resumable training state (outside DVC outputs)")] = Path(".vaeft/state"),
@@ -132,8 +132,8 @@ def train(
     phase: Annotated[FinetunePhase, typer.Argument(help="fine-tune phase (the base model: `vaeft pretrain`)")],
     init: Annotated[Path, typer.Option(help="model to start from (diffusers folder or LDM file)")],
     params: ParamsOpt = DEFAULT_PARAMS_FILE,
-    data: Annotated[str, typer.Option(help="curated data directory, or its URL (s3://bucket/prefix; shards are "
-                                             "fetched into $VAEFT_SHARD_CACHE)")] = "data/curated",
+    data: Annotated[str, typer.Option(help="curated data directory, its URL (s3://bucket/prefix; shards are "
+                                             "fetched into $VAEFT_SHARD_CACHE) or a pin file (vaeft data pin)")] = "data/curated",
     out: Annotated[Path | None, typer.Option("--out", "-o", help="output diffusers folder [models/ft-PHASE]")] = None,
     log: Annotated[Path | None, typer.Option(help="training log CSV (DVC plot); its loss curve is drawn beside it as .png")] = None,
     state_dir: Annotated[Path, typer.Option(help="resumable training state (outside DVC outputs)")] = Path(".vaeft/state"),
@@ -170,7 +170,8 @@ def train(
 def evaluate(
     model: Annotated[list[str], typer.Option("--model", "-m", help="NAME=PATH of a model to evaluate (repeatable)")],
     params: ParamsOpt = DEFAULT_PARAMS_FILE,
-    data: Annotated[Path, typer.Option(help="curated data directory (its eval split is used)")] = Path("data/curated"),
+    data: Annotated[str, typer.Option(help="curated data directory, its URL (s3://bucket/prefix) or a pin file "
+                                             "(vaeft data pin); its eval split is used")] = "data/curated",
     metrics: Annotated[Path, typer.Option(help="metrics JSON (DVC metrics)")] = Path("metrics/eval.json"),
     report: Annotated[Path, typer.Option(help="report directory (table, per-image CSV, grid)")] = Path("reports/eval"),
     force: ForceOpt = False,
@@ -182,7 +183,7 @@ def evaluate(
     models = {k: require(v, f"model {k!r}") for k, v in named_paths(model, "--model").items()}
     # The models' own run_info says how long they trained; params would only know our phase names.
     steps = {name: recorded_steps(path) for name, path in models.items()}
-    evaluate_models(load(params).evaluate, require(data, "data directory"), models, metrics, report, steps,
+    evaluate_models(load(params).evaluate, require_data(data), models, metrics, report, steps,
                     force=force)
 
 

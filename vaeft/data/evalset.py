@@ -26,6 +26,7 @@ from vaeft import atomic
 from vaeft.console import console, progress
 from vaeft.data.embedded import IMAGE_SUFFIXES
 from vaeft.data.manifest import MANIFEST_FILE, ManifestRow, is_url
+from vaeft.data.pin import is_pin
 from vaeft.data.shards import CuratedSet, ShardStore
 from vaeft.errors import VaeftError
 
@@ -71,8 +72,9 @@ def image_files(folder: str | Path) -> list[Path]:
 
 def eval_items(data_dir: str | Path, *, cache_dir: str | Path | None = None,
                storage_options: dict | None = None) -> list[EvalItem]:
-    """A curated dataset's eval split (a directory or URL), or every image of a plain (e.g. prepared) folder."""
-    if is_url(data_dir) or (Path(data_dir) / MANIFEST_FILE).exists():
+    """A curated dataset's eval split (a directory, URL or pin file), or every image of a plain
+    (e.g. prepared) folder."""
+    if is_url(data_dir) or is_pin(data_dir) or (Path(data_dir) / MANIFEST_FILE).exists():
         data = CuratedSet(data_dir, cache_dir=cache_dir, storage_options=storage_options)
         items = [EvalItem(r.sha256[:16], r.location, None, data.store, r) for r in data.split("eval")]
         if not items:

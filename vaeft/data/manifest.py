@@ -60,7 +60,7 @@ def is_url(path: str | Path) -> bool:
 
 
 def manifest_sha256(root: str | Path, storage_options: dict | None = None) -> str:
-    """Digest of a dataset's manifest bytes, the same for a local copy and for its URL."""
+    """Digest of a dataset's manifest bytes, the same for a local copy, its URL and its pin."""
     if is_url(manifest_location(root)):
         return hashlib.sha256(read_manifest_bytes(root, storage_options)).hexdigest()
     return file_sha256(manifest_location(root))
@@ -76,6 +76,10 @@ def write_manifest(path: str | Path, rows: list[ManifestRow]) -> None:
 
 def manifest_location(root: str | Path) -> str:
     """The manifest of a dataset root (a directory or URL), or ``root`` itself when it names the file."""
+    from vaeft.data.pin import is_pin, load_pin
+
+    if is_pin(root):
+        return load_pin(root).manifest_url
     root = str(root)
     if root.endswith(".parquet"):
         return root
@@ -83,6 +87,11 @@ def manifest_location(root: str | Path) -> str:
 
 
 def read_manifest_bytes(root: str | Path, storage_options: dict | None = None) -> bytes:
+    """The manifest's bytes; through a pin file (``vaeft data pin``) only if they are the pinned ones."""
+    from vaeft.data.pin import is_pin, load_pin, pinned_manifest_bytes
+
+    if is_pin(root):
+        return pinned_manifest_bytes(load_pin(root), storage_options)
     where = manifest_location(root)
     if is_url(where):
         import fsspec

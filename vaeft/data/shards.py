@@ -32,6 +32,7 @@ from typing import Any, BinaryIO
 
 from vaeft import atomic
 from vaeft.data.manifest import ManifestRow, is_url, manifest_location, parse_manifest, read_manifest_bytes
+from vaeft.errors import VaeftError
 
 SHARD_DIR = "shards"
 _BLOCK = 512
@@ -126,6 +127,20 @@ def sidecar_json(caption: str, meta: dict[str, Any]) -> bytes:
 # ------------------------------------------------------------------------------ reading
 
 
+class ShardIntegrityError(VaeftError, OSError):
+    """Remote bytes that are not the ones the manifest (or the dataset's pin) describes."""
+
+
+@dataclass(frozen=True)
+class Expected:
+    """What a shard's bytes must be: its pinned size and sha256 when pinned, and the sha256 of the
+    members kept as their original JPEG bytes (the manifest's key is their digest)."""
+
+    size: int | None = None
+    sha256: str | None = None
+    members: tuple[tuple[int, int, str], ...] = ()  # (offset, size, sha256)
+
+
 def default_cache_dir() -> Path:
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "vaeft" / "shards")
 
@@ -138,10 +153,16 @@ class ShardStore:
     loader workers never see half a shard) and read from there; ``version`` (the manifest's
     digest) keys the cache, so a re-curated dataset at the same URL never reads stale shards.
     ``touched`` lists the shards this process has read from. Picklable (loader workers).
+
+    ``expected`` (shard -> :class:`Expected`): a fetched shard is checked before it enters the
+    cache (one pass over bytes just downloaded); a shard that does not match is refused and
+    never cached. Ranged reads check each kept JPEG against its manifest sha256.
     """
 
     def __init__(self, root: str | Path, *, version: str = "", cache_dir: str | Path | None = None,
-                 storage_options: dict | None = None, cache: bool = True) -> None:
+                 storage_options: dict | None = None, cache: bool = True,
+                 expected: dict[str, Expected] | None = None) -> None:
+        self.expected = expected or {}
         self.remote = is_url(root)
         self.ranged = self.remote and not cache
         self._fs: Any = None
@@ -172,7 +193,30 @@ class ShardStore:
             path.parent.mkdir(parents=True, exist_ok=True)
             with atomic.atomic_path(path) as tmp:
                 fs.get_file(remote, str(tmp))
+                self._verify_fill(shard, tmp)
         return path
+
+    def _verify_fill(self, shard: str, tmp: Path) -> None:
+        want = self.expected.get(shard)
+        if want is None:
+            return
+        where = f"{self.root}/{shard}"
+        size = tmp.stat().st_size
+        if want.size is not None and size != want.size:
+            raise ShardIntegrityError(f"{where}: {size} bytes, the dataset's pin says {want.size} (changed or "
+                                      "truncated upload; not cached)")
+        if want.sha256 is not None:
+            from vaeft.hashing import file_sha256
+
+            if (got := file_sha256(tmp)) != want.sha256:
+                raise ShardIntegrityError(f"{where}: sha256 {got[:12]}, the dataset's pin says {want.sha256[:12]} "
+                                          "(the shard changed behind its manifest; not cached)")
+            return  # the whole file is the pinned one: its members are too
+        with open(tmp, "rb", buffering=0) as fh:
+            for offset, n, digest in want.members:
+                if hashlib.sha256(os.pread(fh.fileno(), n, offset)).hexdigest() != digest:
+                    raise ShardIntegrityError(f"{where}: the member at offset {offset} is not the image the "
+                                              f"manifest lists ({digest[:12]}); not cached")
 
     def _file(self, shard: str) -> BinaryIO:
         fh = self._files.get(shard)
@@ -205,7 +249,12 @@ class ShardStore:
         return self._fs.cat_file(f"{self.root}/{shard}", start=offset, end=offset + size)
 
     def read_row(self, row: ManifestRow) -> bytes:
-        return self.read(row.shard, row.offset, row.size)
+        data = self.read(row.shard, row.offset, row.size)
+        # A ranged read never passes a whole-shard check; a kept JPEG's key is its own digest.
+        if self.ranged and row.format == "jpeg" and hashlib.sha256(data).hexdigest() != row.sha256:
+            raise ShardIntegrityError(f"{self.root}/{row.shard}: the member at offset {row.offset} is not the "
+                                      f"image the manifest lists ({row.sha256[:12]})")
+        return data
 
     def open_row(self, row: ManifestRow) -> io.BytesIO:
         return io.BytesIO(self.read_row(row))
@@ -217,16 +266,33 @@ class ShardStore:
 
 
 class CuratedSet:
-    """A curated dataset root (directory or URL): its manifest rows and a :class:`ShardStore`."""
+    """A curated dataset root (directory or URL, or a pin file naming a URL): its manifest rows
+    and a :class:`ShardStore`. Through a pin the manifest must be the pinned one and each shard
+    fetched must have its pinned sha256; from a bare URL the kept JPEGs of each fetched shard
+    are checked against the manifest."""
 
     def __init__(self, root: str | Path, *, cache_dir: str | Path | None = None,
                  storage_options: dict | None = None, cache: bool = True) -> None:
+        from vaeft.data.pin import is_pin, load_pin
+
         data = read_manifest_bytes(root, storage_options)
         self.root = root
         self.rows = parse_manifest(data, manifest_location(root))
         self.version = hashlib.sha256(data).hexdigest()
-        self.store = ShardStore(root, version=self.version, cache_dir=cache_dir, storage_options=storage_options,
-                                cache=cache)
+        pin = load_pin(root) if is_pin(root) else None
+        store_root = pin.url if pin is not None else root
+        expected: dict[str, Expected] = {}
+        if pin is not None:
+            expected = {k: Expected(v.size, v.sha256) for k, v in pin.shards.items()}
+        elif is_url(root):
+            members: dict[str, list[tuple[int, int, str]]] = {}
+            for r in self.rows:
+                members.setdefault(r.shard, [])
+                if r.format == "jpeg":
+                    members[r.shard].append((r.offset, r.size, r.sha256))
+            expected = {k: Expected(members=tuple(v)) for k, v in members.items()}
+        self.store = ShardStore(store_root, version=self.version, cache_dir=cache_dir,
+                                storage_options=storage_options, cache=cache, expected=expected)
 
     def split(self, split: str) -> list[ManifestRow]:
         return [r for r in self.rows if r.split == split]
