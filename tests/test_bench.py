@@ -27,6 +27,8 @@ from vaeft.train.step import TrainStep
 from .conftest import REPO_ROOT, tiny_params_dict
 
 NUM = r"([-+0-9.e]+|nan|inf)"
+# Ratios print with two decimals: a slow smoke run's 0.265 prints as 0.27, 2% off at that size.
+PRINTED_RATIO = 0.0051
 SCRIPTS = {"train": "bench/train_step.py", "eval": "bench/eval_throughput.py"}
 # Each against the recipe's config as the bench runs it on CPU (fp32, NCHW, compile off there).
 CPU_LEVERS = ["channels_last on", "adam foreach", "adam for-loop", "precision bf16", "LPIPS backbone bf16",
@@ -68,7 +70,7 @@ def test_train_step_smoke(smoke_outputs):
     naive = _positive(rf"^naive\s+img/s\s+{NUM}", text)
     ours = _positive(rf"^vaeft\s+img/s\s+{NUM}", text)
     ratio = _positive(rf"^ratio vaeft/naive: {NUM}x", text)
-    assert ratio == pytest.approx(ours / naive, rel=0.01)
+    assert ratio == pytest.approx(ours / naive, rel=0.01, abs=PRINTED_RATIO)
     _positive(rf"^ratio vaeft/naive: .*median over interleaved step pairs {NUM}x", text)
     _positive(rf"^naive\s+img/s.*peak_mem_mib {NUM}", text)
     _positive(rf"^vaeft\s+img/s.*peak_mem_mib {NUM}", text)
@@ -96,7 +98,7 @@ def test_eval_throughput_smoke(smoke_outputs):
     text = smoke_outputs["eval"]
     naive = _positive(rf"^naive\s+img/s\s+{NUM}", text)
     ours = _positive(rf"^vaeft\s+img/s\s+{NUM}", text)
-    assert _positive(rf"^ratio vaeft/naive: {NUM}x", text) == pytest.approx(ours / naive, rel=0.01)
+    assert _positive(rf"^ratio vaeft/naive: {NUM}x", text) == pytest.approx(ours / naive, rel=0.01, abs=PRINTED_RATIO)
     # Both sides compute the same metrics from the same images and weights.
     for metric, tol in (("psnr", 1e-3), ("ssim", 1e-4), ("lpips_vgg", 1e-4), ("lpips_alex", 1e-4),
                         ("psim_candidate", 1e-3), ("shift_r", 1e-2), ("saturation_ratio", 1e-4),
