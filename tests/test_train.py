@@ -118,7 +118,7 @@ def test_resume_after_sigkill_is_bit_exact(tmp_path, curated, base_model):
     another process are a stronger check, not a weaker one. The checkpoint pruning (keep 2) runs in
     the resumed part.
     """
-    params = _write_params(tmp_path / "params.yaml", steps=24, checkpoint_every=4, keep_checkpoints=2)
+    params = _write_params(tmp_path / "params.yaml", steps=16, checkpoint_every=4, keep_checkpoints=2)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = _train_cmd(params, base_model, curated, tmp_path / "b", tmp_path / "sb")
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -143,7 +143,7 @@ def test_resume_after_sigkill_is_bit_exact(tmp_path, curated, base_model):
                 p.kill()
                 p.wait()
     resumed_from = re.search(r"resuming ema from step (\d+)", err)
-    assert resumed_from and 0 < int(resumed_from.group(1)) < 24, err[-3000:]
+    assert resumed_from and 0 < int(resumed_from.group(1)) < 16, err[-3000:]
     a, b = load_file(tmp_path / "a" / WEIGHTS), load_file(tmp_path / "b" / WEIGHTS)
     assert a.keys() == b.keys()
     for k in a:
@@ -215,7 +215,7 @@ def test_divergence_guard_thresholds():
 
 
 def test_ctrl_c_checkpoints_at_the_interrupt_and_the_same_command_resumes(tmp_path, curated, base_model):
-    params = _write_params(tmp_path / "params.yaml", steps=24, checkpoint_every=1000, log_every=1, keep_checkpoints=1)
+    params = _write_params(tmp_path / "params.yaml", steps=16, checkpoint_every=1000, log_every=1, keep_checkpoints=1)
     log = tmp_path / "log.csv"
     cmd = _train_cmd(params, base_model, curated, tmp_path / "out", tmp_path / "state") + ["--log", str(log)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -231,16 +231,16 @@ def test_ctrl_c_checkpoints_at_the_interrupt_and_the_same_command_resumes(tmp_pa
     assert proc.returncode == 130, err[-2000:]
     last = next(line for line in err.splitlines() if "interrupted at step" in line)
     step = int(last.split("interrupted at step ")[1].split()[0])
-    assert 3 <= step < 24 and last.endswith("run the same command to resume"), last
+    assert 3 <= step < 16 and last.endswith("run the same command to resume"), last
     assert [p.name for p in state_dir(tmp_path / "state", "ema", tmp_path / "out").glob("step-*.pt")] == [f"step-{step:09d}.pt"]
     rows = log.read_text().splitlines()
     assert rows[-1].startswith(f"{step},") and len(rows) == 1 + step  # every row up to the interrupt
-    assert "/24, ETA " in err  # rows carry the total and an ETA
+    assert "/16, ETA " in err  # rows carry the total and an ETA
 
     resumed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"resuming ema from step {step}" in resumed.stderr
-    assert len(log.read_text().splitlines()) == 1 + 24
+    assert len(log.read_text().splitlines()) == 1 + 16
 
 
 def test_deferred_checks_stop_within_log_every_steps(tmp_path, curated, base_model):
