@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,6 +76,9 @@ def pytest_configure(config: pytest.Config) -> None:
         server, url, log = _start_prefect_server(run / "prefect-server")
         _run["server"] = server
         os.environ[_SHARED_SERVER_ENV] = json.dumps({"url": url, "log": str(log)})
+    if _is_xdist_controller(config) and _SHARED_BUILDS_ENV not in os.environ:
+        os.environ[_SHARED_BUILDS_ENV] = str(run / "shared-fixtures")
+        _run["shared_builds"] = True
 
 
 def _is_xdist_controller(config: pytest.Config) -> bool:
@@ -158,6 +162,8 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     if _run.get("server") is not None:  # the session ended before sessionfinish (an internal error)
         stop_process_tree(_run.pop("server"))
     os.environ.pop(_SHARED_SERVER_ENV, None)
+    if _run.pop("shared_builds", False):
+        os.environ.pop(_SHARED_BUILDS_ENV, None)
     for key, value in _run["saved_env"].items():
         if value is None:
             os.environ.pop(key, None)
@@ -198,14 +204,41 @@ def tiny_params() -> Params:
     return parse_params(tiny_params_dict(), "tiny")
 
 
+def _built_once(tmp_path_factory, name: str, build: Callable[[Path], None]) -> Path:
+    """``build(folder)`` once per session, for every xdist worker.
+
+    Under xdist the first worker that asks builds it in the controller's run directory, holding a
+    file lock, and the others wait and then read the same folder: each worker used to build its
+    own copy (a curation and a pretraining each). Alone, pytest builds it in its basetemp.
+    Whoever uses the result only reads it.
+    """
+    shared = os.environ.get(_SHARED_BUILDS_ENV)
+    if not shared:
+        folder = tmp_path_factory.mktemp(name)
+        build(folder)
+        return folder
+    from filelock import FileLock
+
+    root = Path(shared)
+    root.mkdir(exist_ok=True)
+    folder, done = root / name, root / f"{name}.done"
+    with FileLock(str(root / f"{name}.lock")):
+        if not done.exists():
+            if folder.exists():
+                raise RuntimeError(f"{folder}: another worker's build of this fixture failed (see its error)")
+            folder.mkdir()
+            build(folder)
+            done.touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def curated(tmp_path_factory) -> Path:
     """The embedded photos, curated once per session (read-only for tests)."""
     from vaeft.data.curate import curate
 
-    out = tmp_path_factory.mktemp("curated") / "data"
-    curate(parse_params(tiny_params_dict()).data, out)
-    return out
+    return _built_once(tmp_path_factory, "curated",
+                       lambda folder: curate(parse_params(tiny_params_dict()).data, folder / "data")) / "data"
 
 
 @pytest.fixture(scope="session")
@@ -213,9 +246,10 @@ def base_model(tmp_path_factory, curated) -> Path:
     """A tiny autoencoder pretrained for a few steps: the 'original' of the tests."""
     from vaeft.train.engine import prepare_base
 
-    root = tmp_path_factory.mktemp("base")
-    prepare_base(parse_params(tiny_params_dict()), curated, root / "model", state_root=root / "state")
-    return root / "model"
+    def build(folder: Path) -> None:
+        prepare_base(parse_params(tiny_params_dict()), curated, folder / "model", state_root=folder / "state")
+
+    return _built_once(tmp_path_factory, "base", build) / "model"
 
 
 @pytest.fixture(scope="session")
@@ -224,11 +258,12 @@ def random_weights(tmp_path_factory) -> Path:
     per session (seconds) and shared by the metric tests and the benchmark smoke runs."""
     from tests.randweights import write_random_backbone, write_random_inception
 
-    store = tmp_path_factory.mktemp("random-weights")
-    write_random_backbone(store, "lpips-vgg")
-    write_random_backbone(store, "lpips-alex")
-    write_random_inception(store)
-    return store
+    def build(store: Path) -> None:
+        write_random_backbone(store, "lpips-vgg")
+        write_random_backbone(store, "lpips-alex")
+        write_random_inception(store)
+
+    return _built_once(tmp_path_factory, "random-weights", build)
 
 
 @dataclass
@@ -311,6 +346,8 @@ _IDLE_SERVICES = ("CANCELLATION_CLEANUP", "FOREMAN", "LATE_RUNS", "PAUSE_EXPIRAT
                   "CLEANUP_RECONCILER", "TRIGGERS")
 # Set by the xdist controller for its workers: {"url", "log"} of the one server they share.
 _SHARED_SERVER_ENV = "VAEFT_TEST_PREFECT_SERVER"
+# Set by the xdist controller: where its workers build the read-only session fixtures once.
+_SHARED_BUILDS_ENV = "VAEFT_TEST_SHARED_BUILDS"
 
 
 def _start_prefect_server(root: Path) -> tuple[subprocess.Popen, str, Path]:

@@ -196,11 +196,12 @@ def test_loader_options_at_their_previous_behaviour_leave_the_resume_fingerprint
     keep the batches those runs drew; any other value is part of the fingerprint."""
     from vaeft.config import AugmentParams
 
-    new = {"jpeg_draft_oversample", "crops_per_image", "shuffle", "shuffle_window"}
+    new = {"jpeg_draft_oversample", "crops_per_image", "shuffle", "shuffle_window", "resampler"}
     p = AugmentParams()
     assert not new & set(p.resume_key()) and set(p.resume_key()) == set(p.model_dump()) - new
     assert p.model_copy(update={"shuffle_window": 9}).resume_key() == p.resume_key()  # unused while global
     assert p.model_copy(update={"crops_per_image": 2}).resume_key()["crops_per_image"] == 2
     assert p.model_copy(update={"jpeg_draft_oversample": 1.0}).resume_key()["jpeg_draft_oversample"] == 1.0
+    assert p.model_copy(update={"resampler": "torch"}).resume_key()["resampler"] == "torch"
     shards = p.model_copy(update={"shuffle": "shards"}).resume_key()
     assert (shards["shuffle"], shards["shuffle_window"]) == ("shards", 4)
