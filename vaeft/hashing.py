@@ -4,14 +4,22 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import BinaryIO
+
+CHUNK = 1 << 20
+
+
+def stream_sha256(fh: BinaryIO, chunk: int = CHUNK) -> str:
+    """sha256 of what ``fh`` yields until EOF (a file, a remote object's body), chunk by chunk."""
+    h = hashlib.sha256()
+    for block in iter(lambda: fh.read(chunk), b""):
+        h.update(block)
+    return h.hexdigest()
 
 
 def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return stream_sha256(fh)
 
 
 def tree_sha256(root: str | Path) -> str:

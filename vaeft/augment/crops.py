@@ -162,8 +162,7 @@ def render_decoded(img: Image.Image, factor: float, spec: CropSpec, params: Augm
     if spec.scale == 1.0 and factor == 1.0:
         region = img.crop(tuple(int(v) for v in box))  # exact source pixels, no resampling
     elif params.resampler == "torch":  # factor is 1 (decode_jpeg): integer origin
-        m = lanczos_margin(spec.scale)
-        x1, y1 = min(img.width, math.ceil(spec.left + side) + m), min(img.height, math.ceil(spec.top + side) + m)
+        x1, y1 = _far_corner(spec, img.width, img.height)
         whole = _rgbx_view(img)
         sub = np.asarray(img.crop((spec.left, spec.top, x1, y1))) if whole is None else whole[spec.top:y1, spec.left:x1]
         return _finish(_resize_torch(sub, spec.scale, spec.region), spec, params)
@@ -180,6 +179,12 @@ def lanczos_margin(scale: float) -> int:
     return math.ceil(3.0 / min(scale, 1.0)) + 1
 
 
+def _far_corner(spec: CropSpec, w: int, h: int) -> tuple[int, int]:
+    """The (x, y) end, exclusive, of the source pixels a crop's downscale reads (its kernel's reach)."""
+    m = lanczos_margin(spec.scale)
+    return min(w, math.ceil(spec.left + spec.source_side) + m), min(h, math.ceil(spec.top + spec.source_side) + m)
+
+
 def render_array(pixels: np.ndarray, spec: CropSpec, params: AugmentParams) -> np.ndarray:
     """:func:`render` from decoded HWC uint8 pixels (e.g. a memory map), touching only the region.
 
@@ -193,12 +198,11 @@ def render_array(pixels: np.ndarray, spec: CropSpec, params: AugmentParams) -> n
         s = int(side)
         region = Image.fromarray(np.ascontiguousarray(pixels[spec.top:spec.top + s, spec.left:spec.left + s]))
         return _finish(region, spec, params)
+    x1, y1 = _far_corner(spec, w, h)
+    if params.resampler == "torch":  # the kernel reads nothing above or left of the origin
+        return _finish(_resize_torch(pixels[spec.top:y1, spec.left:x1], spec.scale, spec.region), spec, params)
     m = lanczos_margin(spec.scale)
-    if params.resampler == "torch":
-        sub = pixels[spec.top:min(h, math.ceil(spec.top + side) + m), spec.left:min(w, math.ceil(spec.left + side) + m)]
-        return _finish(_resize_torch(sub, spec.scale, spec.region), spec, params)
     x0, y0 = max(0, spec.left - m), max(0, spec.top - m)
-    x1, y1 = min(w, math.ceil(spec.left + side) + m), min(h, math.ceil(spec.top + side) + m)
     sub = Image.fromarray(np.ascontiguousarray(pixels[y0:y1, x0:x1]))
     box = (spec.left - x0, spec.top - y0, spec.left - x0 + side, spec.top - y0 + side)
     region = sub.resize((spec.region, spec.region), Image.LANCZOS, box=box, reducing_gap=params.reducing_gap)
@@ -226,8 +230,8 @@ def _rgbx_view(img: Image.Image) -> np.ndarray | None:
 
 def _resize_torch(sub: np.ndarray, scale: float, side: int) -> np.ndarray:
     """Antialiased bicubic downscale by ``scale`` of HWC uint8 ``sub`` (3 or 4 channels, the 4th
-    dropped; origin: the crop's corner;
-    extra rows/columns beyond the crop only feed the kernel) to ``side`` x ``side``.
+    dropped) to ``side`` x ``side``. ``sub`` starts at the crop's corner; its rows and columns
+    past the crop only feed the kernel.
 
     The explicit scale, not the size ratio, sets the sampling grid, so output pixel i is centred
     at (i + 0.5) / scale as in Pillow's box resize; the kernel has no context above or left of the

@@ -110,11 +110,10 @@ def _local_shard(local: Path, name: str, remote_size: int) -> ShardPin:
 
 
 def _remote_shard(fs, path: str, size: int) -> ShardPin:
-    h = hashlib.sha256()
+    from vaeft.hashing import stream_sha256
+
     with fs.open(path, "rb", block_size=8 << 20) as fh:
-        for chunk in iter(lambda: fh.read(8 << 20), b""):
-            h.update(chunk)
-    return ShardPin(size, h.hexdigest())
+        return ShardPin(size, stream_sha256(fh, 8 << 20))
 
 
 def pin_dataset(url: str, out: str | Path, *, local: str | Path | None = None,

@@ -273,13 +273,16 @@ class CuratedSet:
 
     def __init__(self, root: str | Path, *, cache_dir: str | Path | None = None,
                  storage_options: dict | None = None, cache: bool = True) -> None:
-        from vaeft.data.pin import is_pin, load_pin
+        from vaeft.data.pin import is_pin, load_pin, pinned_manifest_bytes
 
-        data = read_manifest_bytes(root, storage_options)
+        pin = load_pin(root) if is_pin(root) else None  # read once: the manifest and shards follow it
+        if pin is not None:
+            data, location = pinned_manifest_bytes(pin, storage_options), pin.manifest_url
+        else:
+            data, location = read_manifest_bytes(root, storage_options), manifest_location(root)
         self.root = root
-        self.rows = parse_manifest(data, manifest_location(root))
+        self.rows = parse_manifest(data, location)
         self.version = hashlib.sha256(data).hexdigest()
-        pin = load_pin(root) if is_pin(root) else None
         store_root = pin.url if pin is not None else root
         expected: dict[str, Expected] = {}
         if pin is not None:

@@ -47,7 +47,7 @@ from typing import Any
 from vaeft.console import console
 from vaeft.errors import VaeftError
 from vaeft.export.release import SUMS_FILE, verify_sums
-from vaeft.hashing import file_sha256
+from vaeft.hashing import file_sha256, stream_sha256
 from vaeft.publish.local import PublishConflictError, release_version
 
 SHA_META = "sha256"
@@ -134,11 +134,7 @@ def _remote_sha256(client: Any, bucket: str, key: str) -> str | None:
 
 
 def _download_sha256(client: Any, bucket: str, key: str) -> str:
-    h = hashlib.sha256()
-    body = client.get_object(Bucket=bucket, Key=key)["Body"]
-    for chunk in iter(lambda: body.read(_CHUNK), b""):
-        h.update(chunk)
-    return h.hexdigest()
+    return stream_sha256(client.get_object(Bucket=bucket, Key=key)["Body"], _CHUNK)
 
 
 @dataclass(frozen=True)
