@@ -194,6 +194,17 @@ def tiny_params_dict() -> dict:
     return raw
 
 
+def run_dvc(repo: Path, *args: str, timeout: float = 600) -> str:
+    """``dvc ARGS`` in ``repo`` with the environment the flow gives DVC; its stdout (fails the test
+    with DVC's output on a non-zero exit)."""
+    from tasks.dvc_stage import dvc_env
+
+    proc = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=repo, env=dvc_env(), capture_output=True,
+                          text=True, timeout=timeout)
+    assert proc.returncode == 0, f"dvc {' '.join(args)}: {proc.stdout}\n{proc.stderr}"
+    return proc.stdout
+
+
 @pytest.fixture
 def tiny_raw() -> dict:
     return tiny_params_dict()

@@ -16,7 +16,7 @@ import pytest
 import torch
 import yaml
 
-from .conftest import FAKE_SECRET, REPO_ROOT, tiny_params_dict
+from .conftest import FAKE_SECRET, REPO_ROOT, run_dvc, tiny_params_dict
 
 pytestmark = pytest.mark.slow
 
@@ -45,15 +45,6 @@ def repo_copy(tmp_path_factory) -> Path:
     return dst
 
 
-def _dvc(repo: Path, *args: str) -> subprocess.CompletedProcess:
-    from tasks.dvc_stage import dvc_env
-
-    proc = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=repo, env=dvc_env(),
-                          capture_output=True, text=True)
-    assert proc.returncode == 0, f"dvc {' '.join(args)}: {proc.stderr}"
-    return proc
-
-
 def _safetensors_sha(root: Path) -> dict[str, str]:
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(root.rglob("*.safetensors"))}
@@ -73,6 +64,7 @@ def test_retrain_flow_end_to_end(prefect_harness, s3_endpoint, repo_copy, tmp_pa
     """
     import boto3
 
+    from flows.publish import publish
     from flows.retrain import retrain
     from vaeft.config import S3PublishParams
     from vaeft.metrics.summary import HEADLINE_KEYS
@@ -83,8 +75,8 @@ def test_retrain_flow_end_to_end(prefect_harness, s3_endpoint, repo_copy, tmp_pa
     for bucket in ("dvc-remote", "releases"):
         s3.create_bucket(Bucket=bucket)
     repo = repo_copy
-    _dvc(repo, "remote", "add", "-d", "storage", "s3://dvc-remote/cache")
-    _dvc(repo, "remote", "modify", "storage", "endpointurl", s3_endpoint)
+    run_dvc(repo, "remote", "add", "-d", "storage", "s3://dvc-remote/cache")
+    run_dvc(repo, "remote", "modify", "storage", "endpointurl", s3_endpoint)
     _git(repo, "add", ".dvc/config")
     _git(repo, "commit", "-q", "-m", "remote")
     target = S3PublishParams(bucket="releases", prefix="vaeft", endpoint_url=s3_endpoint)
@@ -143,19 +135,32 @@ def test_retrain_flow_end_to_end(prefect_harness, s3_endpoint, repo_copy, tmp_pa
             [sys.executable, "-m", "vaeft", "reproduce", str(receipt_path), "--workdir", str(work)],
             cwd=repo, stdout=subprocess.DEVNULL, stderr=log)
     try:
-        _checks_beside_the_rebuild(repo, pub_dir, target, first, stages, built, tmp_path)
+        # Nothing changed: DVC skips every stage and publishing uploads nothing, locally or to S3.
+        second = retrain(repo=str(repo), publish_to=str(pub_dir), dvc_remote="storage", s3=target)
+        assert second.stages == {s: False for s in stages}
+        assert not second.uploaded and second.release == first.release
+        again = publish(repo=str(repo), publish_to=str(pub_dir), s3=target)
+        assert not again.uploaded and again.release == first.release and again.s3 == first.publish.s3
+
+        _git(repo, "add", "dvc.lock")
+        _git(repo, "commit", "-q", "-m", "trained")
+        # A fresh clone gets the models from the remote.
+        pulled = tmp_path / "pulled"
+        subprocess.run(["git", "clone", "-q", str(repo), str(pulled)], check=True)
+        run_dvc(pulled, "pull")
+        assert _safetensors_sha(pulled / "export") == built
         rebuild.wait(timeout=900)
     finally:
         rebuild.kill()
         rebuild.wait()
-    proc = subprocess.CompletedProcess(rebuild.args, rebuild.returncode, "", rebuild_log.read_text())
-    assert proc.returncode == 0, proc.stderr[-5000:]
+    err = rebuild_log.read_text()
+    assert rebuild.returncode == 0, err[-5000:]
     report = json.loads((work / "reproduce_report.json").read_text())
     assert report["status"] == "identical" and report["commit"] == receipt["git"]["commit"]
     assert {m: v["status"] for m, v in report["models"].items()} == {"ft-ema": "identical", "ft-mse": "identical"}
     for name in ("ft-ema", "ft-mse"):
         weights = built[f"{name}/diffusers/diffusion_pytorch_model.safetensors"]
-        assert f"{name}: identical (sha256 {weights[:12]}" in proc.stderr, proc.stderr[-3000:]
+        assert f"{name}: identical (sha256 {weights[:12]}" in err, err[-3000:]
     assert _safetensors_sha(work / "repo" / "export") == built
     assert report["environment"]["same_machine_type"] is True
     assert not any("params.yaml" in n for n in report["notes"])  # the commit's params were the release's
@@ -168,30 +173,9 @@ def test_retrain_flow_end_to_end(prefect_harness, s3_endpoint, repo_copy, tmp_pa
     raw = yaml.safe_load((repo / "params.yaml").read_text())
     raw["train"]["mse"]["lr"] = 5e-5
     (repo / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-    status = json.loads(_dvc(repo, "status", "--json").stdout)
+    status = json.loads(run_dvc(repo, "status", "--json"))
     assert set(status) == {"train-mse"}, status
     assert status["train-mse"] == [{"changed deps": {"params.yaml": {"train.mse": "modified"}}}]
-
-
-def _checks_beside_the_rebuild(repo: Path, pub_dir: Path, target, first, stages: list[str], built: dict[str, str],
-                               tmp_path: Path) -> None:
-    from flows.publish import publish
-    from flows.retrain import retrain
-
-    # Nothing changed: DVC skips every stage and publishing uploads nothing, locally or to S3.
-    second = retrain(repo=str(repo), publish_to=str(pub_dir), dvc_remote="storage", s3=target)
-    assert second.stages == {s: False for s in stages}
-    assert not second.uploaded and second.release == first.release
-    again = publish(repo=str(repo), publish_to=str(pub_dir), s3=target)
-    assert not again.uploaded and again.release == first.release and again.s3 == first.publish.s3
-
-    _git(repo, "add", "dvc.lock")
-    _git(repo, "commit", "-q", "-m", "trained")
-    # A fresh clone gets the models from the remote.
-    pulled = tmp_path / "pulled"
-    subprocess.run(["git", "clone", "-q", str(repo), str(pulled)], check=True)
-    _dvc(pulled, "pull")
-    assert _safetensors_sha(pulled / "export") == built
 
 
 def test_bad_params_fail_before_any_stage(prefect_harness, repo_copy, tmp_path):

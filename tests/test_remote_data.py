@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,7 +11,7 @@ import yaml
 
 from vaeft.data.manifest import read_manifest
 
-from .conftest import REPO_ROOT
+from .conftest import REPO_ROOT, run_dvc
 
 
 def _upload(s3, root: Path, bucket: str, prefix: str) -> str:
@@ -100,15 +98,6 @@ def test_evaluate_from_the_pinned_remote_equals_evaluate_from_the_local_copy(tmp
     assert isinstance(done.exception, PinError) and "bad.json: a damaged dataset pin" in str(done.exception)
 
 
-def _dvc(repo: Path, *args: str) -> str:
-    from tasks.dvc_stage import dvc_env
-
-    proc = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=repo, env=dvc_env(), capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, f"dvc {' '.join(args)}: {proc.stdout}\n{proc.stderr}"
-    return proc.stdout
-
-
 def _pin(path: Path, manifest_sha256: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"kind": "vaeft-remote-dataset", "url": "s3://bucket/curated", "images": {},
@@ -145,10 +134,10 @@ def test_data_use_points_the_stages_at_a_pin_that_dvc_records(tmp_path):
         "params": [{"data/remote.json": ["url", "manifest"]}]}}}))
     (repo / ".dvc").mkdir()
     (repo / ".dvc" / "config").write_text("[core]\n    no_scm = True\n")  # what `dvc init --no-scm` needs, ~2 s less
-    _dvc(repo, "repro")
+    run_dvc(repo, "repro")
     lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]["train"]
     assert lock["params"]["data/remote.json"] == {"url": "s3://bucket/curated",
                                                   "manifest": {"sha256": "a" * 64, "size": 10}}
     _pin(repo / "data" / "remote.json", "b" * 64)  # the dataset changed and was pinned again
-    status = json.loads(_dvc(repo, "status", "--json"))
+    status = json.loads(run_dvc(repo, "status", "--json"))
     assert status == {"train": [{"changed deps": {"data/remote.json": {"manifest": "modified"}}}]}

@@ -13,7 +13,7 @@ from PIL import Image
 
 from vaeft.cli.deps import check_problems, missing_source_deps, stage_deps, write_stage_deps
 
-from .conftest import REPO_ROOT
+from .conftest import REPO_ROOT, run_dvc
 from .curate_corpus import photo
 
 
@@ -79,15 +79,6 @@ def _git(repo: Path, *args: str) -> None:
                    capture_output=True)
 
 
-def _dvc(repo: Path, *args: str) -> str:
-    from tasks.dvc_stage import dvc_env
-
-    proc = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=repo, env=dvc_env(), capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, f"dvc {' '.join(args)}: {proc.stdout}\n{proc.stderr}"
-    return proc.stdout
-
-
 def test_new_images_in_a_source_folder_and_edited_imports_rerun_curate(tmp_path):
     proj = tmp_path / "proj"
     shutil.copytree(REPO_ROOT / "vaeft", proj / "vaeft", ignore=shutil.ignore_patterns("__pycache__"))
@@ -104,7 +95,7 @@ def test_new_images_in_a_source_folder_and_edited_imports_rerun_curate(tmp_path)
     (proj / ".gitignore").write_text(".vaeft/\n__pycache__/\n")
     (proj / ".dvcignore").write_text(".vaeft/\n__pycache__/\n")
     _git(proj, "init", "-q")
-    _dvc(proj, "init", "-q")
+    run_dvc(proj, "init", "-q")
 
     # Until the folder is a dep, DVC cannot see new images: both entry points say so in one line.
     assert missing_source_deps(proj) == [("curate", "photos")]
@@ -122,19 +113,19 @@ def test_new_images_in_a_source_folder_and_edited_imports_rerun_curate(tmp_path)
     assert missing_source_deps(proj) == []
     _git(proj, "add", "-A")
     _git(proj, "commit", "-q", "-m", "project")
-    _dvc(proj, "repro", "curate")
-    assert "up to date" in _dvc(proj, "status").lower()
+    run_dvc(proj, "repro", "curate")
+    assert "up to date" in run_dvc(proj, "status").lower()
 
     Image.fromarray(photo(50)).save(photos / "new.png")
-    status = _dvc(proj, "status", "--json")
+    status = run_dvc(proj, "status", "--json")
     assert '"photos"' in status and "curate" in status, status
-    _dvc(proj, "repro", "curate")
-    assert "up to date" in _dvc(proj, "status").lower()
+    run_dvc(proj, "repro", "curate")
+    assert "up to date" in run_dvc(proj, "status").lower()
 
     # Editing a module the stage imports flags it too (the manifest writer, found from the code).
     from vaeft.data.manifest import write_manifest
 
     module = proj / Path(inspect.getsourcefile(write_manifest)).resolve().relative_to(REPO_ROOT)
     module.write_text(module.read_text() + "\n# edited\n")
-    status = _dvc(proj, "status", "--json")
+    status = run_dvc(proj, "status", "--json")
     assert module.relative_to(proj).as_posix() in status and "curate" in status, status
