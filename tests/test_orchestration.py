@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from .test_pipeline import _dvc
+from .conftest import run_dvc
 
 
 def _stage_repo(tmp_path: Path, cmd: str) -> Path:
@@ -19,7 +19,7 @@ def _stage_repo(tmp_path: Path, cmd: str) -> Path:
     repo.mkdir()
     (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"s": {"cmd": cmd, "outs": ["out"]}}}))
     (repo / "params.yaml").write_text("seed: 0\n")
-    _dvc(repo, "init", "--no-scm", "-q")
+    run_dvc(repo, "init", "--no-scm", "-q")
     return repo
 
 
@@ -127,7 +127,7 @@ def test_stage_runs_are_not_followed_by_dvc_advice(tmp_path):
                                                                     "outs": ["out"]}}}))
     (repo / ".dvc").mkdir()  # what `dvc init` would make that repro needs, without a second DVC start
     (repo / ".dvc" / "config").write_text("[core]\n    analytics = false\n")
-    raw = _dvc(repo, "repro").stdout
+    raw = run_dvc(repo, "repro")
     assert "To track the changes with git" in raw and "dvc push" in raw  # what DVC says at a shell
     kept = "".join(without_dvc_hints(raw.splitlines(keepends=True)))
     assert "stage-said-this" in kept and "Running stage 's'" in kept
